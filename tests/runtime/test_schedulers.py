@@ -1,0 +1,480 @@
+"""Parity of `coreml_sd.runtime.schedulers` (numpy) with diffusers' torch schedulers.
+
+Each case runs a whole denoising loop on both sides from the same latents, with a deterministic
+stand-in for the UNet (a fixed nonlinear function of the scaled sample and t, computed in numpy
+for both sides so only the schedulers differ), and compares timesteps, init_noise_sigma and the
+final latents (max |ours - theirs| / max |theirs| < 1e-5, float32). Noise-injecting schedulers get
+`torch.Generator().manual_seed(s)` on the reference side and `TorchRandom(s)` on ours.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import subprocess
+import sys
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+from coreml_sd.runtime.random import TorchRandom
+from coreml_sd.runtime.schedulers import SCHEDULER_NAMES, from_config
+
+# The reference converts tensors through numpy in ways numpy 2 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+RTOL = 1e-5
+SHAPE = (1, 4, 8, 8)
+STEPS = (1, 2, 4, 20, 50)
+
+# ---------------------------------------------------------------------------- configs
+
+# Real checkpoint configs (scheduler/scheduler_config.json), verbatim.
+SD15 = {  # runwayml/stable-diffusion-v1-5
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    "clip_sample": False,
+}
+SD21 = {  # stabilityai/stable-diffusion-2-1 (v-prediction)
+    "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+}
+SD2_EULER = {  # stabilityai/stable-diffusion-2 (v-prediction, Euler)
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.10.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+}
+SDXL = {  # stabilityai/stable-diffusion-xl-base-1.0
+    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+SDXL_TURBO = {  # stabilityai/sdxl-turbo
+    **SDXL, "_class_name": "EulerAncestralDiscreteScheduler", "_diffusers_version": "0.24.0.dev0",
+    "timestep_spacing": "trailing",
+}
+LCM_DREAMSHAPER = {  # SimianLuo/LCM_Dreamshaper_v7
+    "_class_name": "LCMScheduler", "_diffusers_version": "0.22.0.dev0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+    "clip_sample_range": 1.0, "dynamic_thresholding_ratio": 0.995, "num_train_timesteps": 1000,
+    "original_inference_steps": 50, "prediction_type": "epsilon", "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0, "set_alpha_to_one": True, "steps_offset": 1, "thresholding": False,
+    "timestep_scaling": 10.0, "timestep_spacing": "leading", "trained_betas": None,
+}
+REAL = {"sd15": SD15, "sd21": SD21, "sd2-euler": SD2_EULER, "sdxl": SDXL, "sdxl-turbo": SDXL_TURBO,
+        "lcm": LCM_DREAMSHAPER}
+
+# The sweep every scheduler name runs on: one field changed at a time from a real config.
+SWEEP = {
+    **REAL,
+    "linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    "cosine": {**SD15, "beta_schedule": "squaredcos_cap_v2"},
+    "trained-betas": {**SD15, "trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()},
+    "linspace": {**SD15, "timestep_spacing": "linspace"},
+    "trailing": {**SD15, "timestep_spacing": "trailing"},
+    "leading-offset0": {**SD15, "timestep_spacing": "leading", "steps_offset": 0},
+    "alpha-to-one": {**SD15, "set_alpha_to_one": True},
+    "clip": {**SD15, "clip_sample": True, "clip_sample_range": 1.5},
+    "prk": {**SD15, "skip_prk_steps": False},
+    "zero-snr-v": {**SD21, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+}
+
+# Algorithm-specific fields, run with the config's own class (name=None).
+_DPM = {**SD15, "_class_name": "DPMSolverMultistepScheduler"}
+_EULER = {**SDXL}
+NATIVE = {
+    "dpm-order3": {**_DPM, "solver_order": 3},
+    "dpm-order3-linspace": {**_DPM, "solver_order": 3, "timestep_spacing": "linspace"},
+    "dpm-order1": {**_DPM, "solver_order": 1},
+    "dpm-heun": {**_DPM, "solver_type": "heun"},
+    "dpm-sde": {**_DPM, "algorithm_type": "sde-dpmsolver++"},
+    "dpm-sde-order3-heun": {**_DPM, "algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "heun"},
+    "dpm-lu": {**_DPM, "use_lu_lambdas": True},
+    "dpm-exponential": {**_DPM, "use_exponential_sigmas": True},
+    "dpm-karras-v": {**_DPM, "use_karras_sigmas": True, "prediction_type": "v_prediction"},
+    "dpm-sample": {**_DPM, "prediction_type": "sample"},
+    "dpm-sigma-min": {**_DPM, "final_sigmas_type": "sigma_min", "lower_order_final": False},
+    "dpm-euler-at-final": {**_DPM, "euler_at_final": True, "final_sigmas_type": "sigma_min"},
+    "dpm-lambda-clip": {**_DPM, "beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1},
+    "dpm-deis": {**_DPM, "algorithm_type": "deis", "solver_type": "logrho", "final_sigmas_type": "sigma_min"},
+    "euler-karras": {**_EULER, "use_karras_sigmas": True},
+    "euler-karras-bounds": {**_EULER, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0},
+    "euler-exponential": {**_EULER, "use_exponential_sigmas": True},
+    "euler-log-linear": {**_EULER, "interpolation_type": "log_linear"},
+    "euler-sigma-min": {**_EULER, "final_sigmas_type": "sigma_min"},
+    "euler-continuous-v": {**SD2_EULER, "timestep_type": "continuous"},
+    "euler-sample": {**_EULER, "prediction_type": "sample"},
+    "euler-zero-snr": {**SD2_EULER, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    "ddim-sample": {**SD21, "prediction_type": "sample", "clip_sample": True},
+    "ddim-linspace": {**SD21, "timestep_spacing": "linspace"},
+    "lcm-v-clip": {**LCM_DREAMSHAPER, "prediction_type": "v_prediction", "clip_sample": True},
+    "lcm-scaling": {**LCM_DREAMSHAPER, "timestep_scaling": 3.0, "original_inference_steps": 100},
+}
+
+# ---------------------------------------------------------------------------- reference side
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _quiet_reference():
+    """diffusers logs every config field a class does not read; that is the point here."""
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    yield
+    diffusers.utils.logging.set_verbosity(level)
+
+
+_REFERENCE_CLASS = {
+    "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler",
+    "dpmpp-2m-karras": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler",
+}
+
+
+def reference(config: dict, name: str | None):
+    """The diffusers scheduler that `from_config(config, name)` promises to match."""
+    if name is None:
+        return getattr(diffusers, config["_class_name"]).from_config(config)
+    extra = {}
+    if name.startswith("dpmpp-2m"):
+        extra = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_exponential_sigmas": False,
+                 "use_lu_lambdas": False, "use_karras_sigmas": name.endswith("karras")}
+    return getattr(diffusers, _REFERENCE_CLASS[name]).from_config(config, **extra)
+
+
+def model(x: np.ndarray, t: float) -> np.ndarray:
+    """Deterministic UNet stand-in: nonlinear in x, dependent on t."""
+    return (0.3 * np.tanh(x) + (0.01 * t / 1000) * x + 0.05 * np.cos(t / 50)).astype(np.float32)
+
+
+class _Ours:
+    def __init__(self, sched, seed: int) -> None:
+        self.sched, self.rng = sched, TorchRandom(seed)
+
+    def array(self, x):
+        return x
+
+    def scale(self, x, t):
+        return self.sched.scale_model_input(x, t)
+
+    def step(self, eps, t, x):
+        return self.sched.step(eps, t, x, rng=self.rng)
+
+
+class _Theirs:
+    def __init__(self, sched, seed: int) -> None:
+        self.sched = sched
+        takes_generator = "generator" in inspect.signature(sched.step).parameters
+        self.extra = {"generator": torch.Generator().manual_seed(seed)} if takes_generator else {}
+
+    def array(self, x):
+        return x.numpy()
+
+    def scale(self, x, t):
+        return self.sched.scale_model_input(x, t)
+
+    def step(self, eps, t, x):
+        return self.sched.step(torch.from_numpy(eps), t, x, **self.extra).prev_sample
+
+
+def denoise(side, x, timesteps) -> np.ndarray:
+    """The pipeline's loop: scale the input, run the model, step."""
+    for t in timesteps:
+        eps = model(side.array(side.scale(x, t)), float(t))
+        x = side.step(eps, t, x)
+    return side.array(x)
+
+
+def run_pair(config: dict, name: str | None, steps: int, strength: float | None = None, seed: int = 0):
+    """Run both sides; return (ours, theirs, start) latents after checking the schedule matches."""
+    ours, theirs = from_config(config, name), reference(config, name)
+    ours.set_timesteps(steps)
+    theirs.set_timesteps(steps)
+    ref_ts = theirs.timesteps.numpy()
+    assert ours.timesteps.dtype == ref_ts.dtype
+    if ref_ts.dtype == np.int64:
+        np.testing.assert_array_equal(ours.timesteps, ref_ts)
+    else:  # fractional timesteps derived from sigmas: torch's float32 sqrt/log round differently
+        np.testing.assert_allclose(ours.timesteps, ref_ts, rtol=2e-6, atol=1e-6)
+    assert ours.init_noise_sigma == pytest.approx(float(theirs.init_noise_sigma), rel=1e-6)
+    rng = np.random.default_rng(seed)
+    start_latents = rng.standard_normal(SHAPE).astype(np.float32)
+    if strength is None:
+        start = 0
+        x_ours = start_latents * ours.init_noise_sigma
+        x_theirs = torch.from_numpy(start_latents) * theirs.init_noise_sigma
+    else:  # img2img, as StableDiffusionImg2ImgPipeline.get_timesteps / prepare_latents
+        t_start = max(steps - min(int(steps * strength), steps), 0)
+        start = ours.img2img_start(strength)
+        assert start == t_start * theirs.order
+        if hasattr(theirs, "set_begin_index"):
+            theirs.set_begin_index(start)
+        noise = rng.standard_normal(SHAPE).astype(np.float32)
+        x_ours = ours.add_noise(start_latents, noise, ours.timesteps[start])
+        x_theirs = theirs.add_noise(torch.from_numpy(start_latents), torch.from_numpy(noise), theirs.timesteps[start : start + 1])
+        np.testing.assert_allclose(x_ours, x_theirs.numpy(), rtol=1e-6, atol=1e-6)
+    out_ours = denoise(_Ours(ours, seed + 1), x_ours, ours.timesteps[start:])
+    out_theirs = denoise(_Theirs(theirs, seed + 1), x_theirs, theirs.timesteps[start:])
+    return out_ours, out_theirs, x_theirs.numpy()
+
+
+def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    assert np.all(np.isfinite(theirs))
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def check_parity(ours: np.ndarray, theirs: np.ndarray, x_start: np.ndarray) -> None:
+    """max|ours - theirs| / max|theirs| < 1e-5, unless the run shrinks its start so much that
+    float32 cannot define the result that finely: when |result| << |start| (zero-terminal-SNR
+    schedules start at sigma 4096), one rounding of the start, eps32 * max|start|, is already
+    that large relative to the result, and the allowance becomes that bound."""
+    floor = np.finfo(np.float32).eps * float(np.abs(x_start).max()) / float(np.abs(theirs).max())
+    assert relative_error(ours, theirs) < max(RTOL, floor)
+
+
+def _runs(name: str | None, config: dict, steps: int) -> bool:
+    """Combinations the reference itself refuses are left out (and tested as errors below)."""
+    cls = _REFERENCE_CLASS.get(name) or config["_class_name"]
+    if cls == "PNDMScheduler" and not config.get("skip_prk_steps", False) and steps < 4:
+        return False
+    if cls == "LCMScheduler" and steps > config.get("original_inference_steps", 50):
+        return False
+    return True
+
+
+# Sweep cases where diffusers itself fails; ours must finish with finite latents.
+_NAN = "NaN: float32 rounding makes sigma_to^2 - sigma_up^2 negative under sigma_down's sqrt"
+_OFF_END = ("IndexError: Karras sigmas above the training range give repeated first timesteps; the "
+            "reference starts at the second match and runs off the end of its sigma table")
+REFERENCE_FAILS = {
+    ("euler-a", "cosine", 4): _NAN,
+    ("dpmpp-2m-karras", "cosine", 4): _OFF_END,
+    ("dpmpp-2m-karras", "cosine", 20): _OFF_END,
+    ("dpmpp-2m-karras", "cosine", 50): _OFF_END,
+    ("dpmpp-2m-karras", "zero-snr-v", 50): _OFF_END,
+}
+
+# ---------------------------------------------------------------------------- parity
+
+SWEEP_CASES = [
+    pytest.param(name, cfg, steps, id=f"{name}-{cfg}-{steps}")
+    for name in SCHEDULER_NAMES
+    for cfg in SWEEP
+    for steps in STEPS
+    if _runs(name, SWEEP[cfg], steps) and (name, cfg, steps) not in REFERENCE_FAILS
+]
+
+
+@pytest.mark.parametrize(("name", "config_id", "steps"), SWEEP_CASES)
+def test_parity_sweep(name: str, config_id: str, steps: int) -> None:
+    check_parity(*run_pair(SWEEP[config_id], name, steps))
+
+
+@pytest.mark.parametrize(("name", "config_id", "steps"), list(REFERENCE_FAILS))
+def test_where_the_reference_fails_ours_stays_finite(name: str, config_id: str, steps: int) -> None:
+    try:
+        _, theirs, _ = run_pair(SWEEP[config_id], name, steps)
+    except IndexError:
+        pass
+    else:
+        assert not np.all(np.isfinite(theirs)), "the reference works here now: move the case back to the sweep"
+    sched = from_config(SWEEP[config_id], name)
+    sched.set_timesteps(steps)
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32) * sched.init_noise_sigma
+    x = denoise(_Ours(sched, 1), x, sched.timesteps)
+    assert np.all(np.isfinite(x))
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("config_id", list(NATIVE))
+def test_parity_native_fields(config_id: str, steps: int) -> None:
+    config = NATIVE[config_id]
+    if not _runs(None, config, steps):
+        pytest.skip("the reference refuses this step count")
+    check_parity(*run_pair(config, None, steps))
+
+
+@pytest.mark.parametrize("steps", (4, 20, 50))
+@pytest.mark.parametrize("strength", (0.3, 0.75))
+@pytest.mark.parametrize("config_id", ("sd15", "sdxl", "zero-snr-v", "prk"))
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_parity_img2img(name: str, config_id: str, strength: float, steps: int) -> None:
+    check_parity(*run_pair(SWEEP[config_id], name, steps, strength=strength))
+
+
+@pytest.mark.parametrize("name", [n for n in SCHEDULER_NAMES if n not in ("lcm", "dpmpp-2m-karras")])
+def test_trailing_spacing_extra_step(name: str) -> None:
+    """`trailing` with a float stride can lay out n+1 timesteps, the last being -1 (n = 61 here);
+    the reference runs it (alpha-bar[-1] wraps to t=999's) and so do we."""
+    sched = from_config(SWEEP["trailing"], name)
+    sched.set_timesteps(61)
+    assert sched.timesteps[-1] == -1
+    check_parity(*run_pair(SWEEP["trailing"], name, 61))
+
+
+@pytest.mark.parametrize("config_id", ("sd15", "sdxl", "dpm-sde"))
+def test_img2img_native(config_id: str) -> None:
+    config = {**SWEEP, **NATIVE}[config_id]
+    check_parity(*run_pair(config, None, 20, strength=0.6))
+
+
+def test_batch_of_two_and_float16_output() -> None:
+    """Noise is drawn for the whole batch at once; a float16 model output still gives float32."""
+    sched, ref = from_config(SDXL_TURBO), reference(SDXL_TURBO, None)
+    sched.set_timesteps(4)
+    ref.set_timesteps(4)
+    x = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32) * sched.init_noise_sigma
+    xt = torch.from_numpy(x.copy())
+    rng, gen = TorchRandom(7), torch.Generator().manual_seed(7)
+    for t, tt in zip(sched.timesteps, ref.timesteps):
+        eps = model(sched.scale_model_input(x, t), float(t)).astype(np.float16)
+        epst = torch.from_numpy(model(ref.scale_model_input(xt, tt).numpy(), float(tt)).astype(np.float16))
+        x = sched.step(eps, t, x, rng=rng)
+        xt = ref.step(epst.float(), tt, xt, generator=gen).prev_sample
+        assert x.dtype == np.float32
+    assert relative_error(x, xt.numpy()) < RTOL
+
+
+# ---------------------------------------------------------------------------- loading
+
+@pytest.mark.parametrize(("config_id", "expected"), [
+    ("sd15", "pndm"), ("sd21", "ddim"), ("sd2-euler", "euler"), ("sdxl", "euler"),
+    ("sdxl-turbo", "euler-a"), ("lcm", "lcm"),
+])
+def test_real_configs_load_with_their_own_algorithm(config_id: str, expected: str) -> None:
+    sched = from_config(REAL[config_id])
+    assert sched.name == expected
+    for name in SCHEDULER_NAMES:
+        other = from_config(REAL[config_id], name)
+        other.set_timesteps(8)
+        assert other.name == name and len(other.timesteps) >= 8
+
+
+def test_dpm_config_keeps_its_own_settings() -> None:
+    assert from_config(_DPM).name == "dpmpp-2m"
+    assert from_config({**_DPM, "use_karras_sigmas": True}).name == "dpmpp-2m-karras"
+    sched = from_config({**_DPM, "solver_order": 3, "use_karras_sigmas": True}, "dpmpp-2m")
+    assert sched.config["solver_order"] == 2 and not sched.config["use_karras_sigmas"]
+    assert from_config({**_DPM, "algorithm_type": "sde-dpmsolver++"}).name == "dpm-solver-multistep"
+
+
+def test_names_and_public_api() -> None:
+    assert SCHEDULER_NAMES == ("pndm", "ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "lcm")
+    for name in SCHEDULER_NAMES:
+        sched = from_config(SDXL, name)
+        sched.set_timesteps(10)
+        assert sched.order == 1 and isinstance(sched.init_noise_sigma, float)
+        assert sched.timesteps.dtype == (np.float32 if name in ("euler", "euler-a") else np.int64)
+
+
+def test_runtime_never_imports_torch() -> None:
+    code = ("import sys, coreml_sd.runtime.schedulers as s; s.from_config({'_class_name': 'PNDMScheduler'})"
+            ".set_timesteps(5); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------- errors
+
+def test_unknown_name_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="unknown scheduler name 'heun'.*dpmpp-2m-karras"):
+        from_config(SD15, "heun")
+
+
+def test_unknown_class_without_name() -> None:
+    with pytest.raises(ValueError, match="_class_name.*LMSDiscreteScheduler"):
+        from_config({**SD15, "_class_name": "LMSDiscreteScheduler"})
+
+
+@pytest.mark.parametrize(("name", "field", "value"), [
+    ("euler", "beta_schedule", "foo"),
+    ("ddim", "timestep_spacing", "bar"),
+    ("pndm", "prediction_type", "sample"),
+    ("euler-a", "prediction_type", "sample"),
+    ("ddim", "prediction_type", "flow_prediction"),
+    ("ddim", "thresholding", True),
+    ("lcm", "thresholding", True),
+    ("dpmpp-2m", "thresholding", True),
+    ("dpmpp-2m", "variance_type", "learned_range"),
+    ("dpmpp-2m", "use_flow_sigmas", True),
+    ("dpmpp-2m", "final_sigmas_type", "foo"),
+    ("dpmpp-2m", "solver_type", "rk4"),
+    ("euler", "use_beta_sigmas", True),
+    ("euler", "interpolation_type", "cubic"),
+    ("euler", "timestep_type", "edm"),
+    ("euler", "final_sigmas_type", "sigma_max"),
+    ("ddim", "num_train_timesteps", 0),
+    ("ddim", "clip_sample", "yes"),
+    ("pndm", "steps_offset", -1),
+    ("lcm", "original_inference_steps", 0),
+    ("euler", "trained_betas", [0.1, 2.0]),
+])
+def test_unsupported_value_names_field_and_value(name: str, field: str, value) -> None:
+    with pytest.raises(ValueError, match=f"'{field}': unsupported value {re.escape(repr(value))}"):
+        from_config({**SD15, field: value}, name)
+
+
+def test_trained_betas_must_cover_the_training_timesteps() -> None:
+    with pytest.raises(ValueError, match="'trained_betas'.*1000 betas"):
+        from_config({**SD15, "trained_betas": [0.01] * 999})
+
+
+@pytest.mark.parametrize("value", ["dpmsolver", "sde-dpmsolver", "magic"])
+def test_dpm_algorithm_types_not_implemented(value: str) -> None:
+    with pytest.raises(ValueError, match=f"'algorithm_type'.*'{value}'"):
+        from_config({**_DPM, "algorithm_type": value})
+    with pytest.raises(ValueError, match="'solver_order'.*4"):
+        from_config({**_DPM, "solver_order": 4})
+
+
+def test_fields_other_algorithms_read_are_ignored() -> None:
+    """As with diffusers' from_config: Euler never reads thresholding or skip_prk_steps."""
+    sched = from_config({**SD15, "thresholding": True, "skip_prk_steps": "whatever"}, "euler")
+    sched.set_timesteps(4)
+
+
+@pytest.mark.parametrize(("config", "name", "steps"), [
+    (SDXL_TURBO, None, 4),
+    (LCM_DREAMSHAPER, None, 4),
+    ({**_DPM, "algorithm_type": "sde-dpmsolver++"}, None, 4),
+])
+def test_missing_rng_is_a_clear_error(config: dict, name, steps: int) -> None:
+    sched = from_config(config, name)
+    sched.set_timesteps(steps)
+    assert sched.needs_rng
+    x = np.zeros(SHAPE, np.float32)
+    with pytest.raises(ValueError, match="pass rng="):
+        sched.step(x, sched.timesteps[0], x)
+
+
+def test_one_step_lcm_needs_no_rng() -> None:
+    sched = from_config(LCM_DREAMSHAPER)
+    sched.set_timesteps(1)
+    assert not sched.needs_rng
+    x = np.ones(SHAPE, np.float32)
+    assert sched.step(x, sched.timesteps[0], x).dtype == np.float32
+
+
+def test_step_counts_the_reference_refuses() -> None:
+    with pytest.raises(ValueError, match="at least 4 steps"):
+        from_config({**SD15, "skip_prk_steps": False}).set_timesteps(3)
+    with pytest.raises(ValueError, match="original_inference_steps"):
+        from_config(LCM_DREAMSHAPER).set_timesteps(51)
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        from_config(SD21).set_timesteps(1001)
+    with pytest.raises(ValueError, match=">= 1"):
+        from_config(SD21).set_timesteps(0)
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        x = np.zeros(SHAPE, np.float32)
+        from_config(SD21).step(x, 999, x)
+    sched = from_config(SD15)
+    sched.set_timesteps(2)
+    with pytest.raises(ValueError, match="no denoising step"):
+        sched.img2img_start(0.3)
