@@ -1,0 +1,321 @@
+"""Tiny Stable Diffusion pipelines (SD 1.x and 2.x shaped) for tests and the offline demo.
+
+No model hub is reachable from the build machines, so tests need real diffusers-format folders
+built locally. The models here keep every structural feature of their family that conversion
+code can trip over (cross-attention, the 8x VAE, conv vs linear transformer projections, a list
+``attention_head_dim``, upcast attention, quick-GELU vs GELU text encoder, the family's pad
+token, the family's real scheduler config) while having about a million parameters in total.
+
+Weights are not the constructors' defaults: PyTorch initialises every norm to the identity and
+the output of a random network can hide whole sub-graphs (an attention block whose output is
+swamped, or a zero tensor), which would make parity tests pass for the wrong reason. Each tensor
+is instead drawn from its own generator, seeded from ``(seed, component, tensor name)``, so a
+weight does not depend on construction order and the same seed writes byte-identical files.
+
+The file layout is that of the published Stable Diffusion repositories, including the
+``text_model.`` prefix on the text encoder's weights (recent transformers would save them
+without it; every real repository has it, so that is what loaders must handle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from coreml_sd.convert.clip_vocab import BOS_TOKEN, EOS_TOKEN, write_clip_vocab
+
+__all__ = [
+    "FAMILIES",
+    "PAD_TOKENS",
+    "build_tiny_pipeline",
+    "init_weights",
+    "tiny_model_index",
+    "tiny_scheduler_config",
+    "tiny_text_encoder",
+    "tiny_text_encoder_config",
+    "tiny_tokenizer_config",
+    "tiny_unet",
+    "tiny_unet_config",
+    "tiny_vae",
+    "tiny_vae_config",
+]
+
+FAMILIES = ("sd1", "sd2")
+# SD 1.x pads prompts with the end token; SD 2.x (OpenCLIP) with "!" (id 0).
+PAD_TOKENS = {"sd1": EOS_TOKEN, "sd2": "!"}
+BOS_ID, EOS_ID = 49406, 49407
+PAD_IDS = {"sd1": EOS_ID, "sd2": 0}
+
+# The spreads of the re-initialisation (see init_weights).
+NORM_SCALE_STD = 0.1  # norm weights: 1 + N(0, 0.1), so no norm is the identity
+BIAS_STD = 0.05
+
+# What each family's published scheduler_config.json holds, verbatim (keys absent there stay
+# absent here: readers must apply diffusers' defaults, e.g. SD 1.5 has no prediction_type).
+_SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd1": {  # runwayml / stable-diffusion-v1-5
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": "0.6.0",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "trained_betas": None,
+        "clip_sample": False,
+    },
+    "sd2": {  # stabilityai / stable-diffusion-2-1
+        "_class_name": "DDIMScheduler",
+        "_diffusers_version": "0.8.0",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "clip_sample": False,
+        "num_train_timesteps": 1000,
+        "prediction_type": "v_prediction",
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "trained_betas": None,
+    },
+}
+
+
+def _check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
+    return family
+
+
+# -- configs ----------------------------------------------------------------------------------
+
+
+def tiny_unet_config(family: str = "sd1", sample_size: int = 8) -> dict[str, Any]:
+    """``UNet2DConditionModel`` config: two levels of 32 and 64 channels with SD's block pattern
+    (cross-attention blocks above, plain ``DownBlock2D`` / ``UpBlock2D`` at the deepest level,
+    attention again in the mid block), so both block kinds are exercised with few attentions.
+
+    ``attention_head_dim`` is, for historical reasons, the number of heads in diffusers' UNet:
+    SD 1.x gives one int for every level, SD 2.x a list (a head width of 16 everywhere here).
+    """
+    config: dict[str, Any] = {
+        "act_fn": "silu",
+        "block_out_channels": [32, 64],
+        "center_input_sample": False,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 1,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 8,
+        "out_channels": 4,
+        "sample_size": sample_size,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    }
+    if _check_family(family) == "sd1":
+        config.update(cross_attention_dim=32, attention_head_dim=2)
+    else:
+        config.update(
+            cross_attention_dim=64,
+            attention_head_dim=[2, 4],
+            use_linear_projection=True,
+            upcast_attention=True,
+        )
+    return config
+
+
+def tiny_vae_config(family: str = "sd1", sample_size: int = 8) -> dict[str, Any]:
+    """``AutoencoderKL`` config: four levels, so images are 8x the latent side, as in real SD.
+
+    Both families share the VAE architecture; ``family`` is only validated.
+    """
+    _check_family(family)
+    return {
+        "act_fn": "silu",
+        "block_out_channels": [16, 16, 32, 32],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "in_channels": 3,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "out_channels": 3,
+        "sample_size": 8 * sample_size,
+        "scaling_factor": 0.18215,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+    }
+
+
+def tiny_text_encoder_config(family: str = "sd1") -> dict[str, Any]:
+    """``transformers.CLIPTextConfig`` fields: OpenAI CLIP-like (sd1) or OpenCLIP-like (sd2)."""
+    config: dict[str, Any] = {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": 49408,
+        "max_position_embeddings": 77,
+        "num_hidden_layers": 2,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_IDS[_check_family(family)],
+        "layer_norm_eps": 1e-05,
+        "attention_dropout": 0.0,
+        "dropout": 0.0,
+    }
+    if family == "sd1":
+        config.update(hidden_size=32, intermediate_size=64, num_attention_heads=2, hidden_act="quick_gelu")
+    else:
+        config.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, hidden_act="gelu")
+    config["projection_dim"] = config["hidden_size"]
+    return config
+
+
+def tiny_scheduler_config(family: str = "sd1") -> dict[str, Any]:
+    """The family's real scheduler config: SD 1.5's PNDM (epsilon) or SD 2.1's DDIM (v)."""
+    return json.loads(json.dumps(_SCHEDULER_CONFIGS[_check_family(family)]))  # a deep copy
+
+
+def tiny_tokenizer_config(family: str = "sd1") -> dict[str, Any]:
+    """``tokenizer_config.json`` for ``transformers.CLIPTokenizer`` with the family's pad token."""
+    return {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "do_lower_case": True,
+        "errors": "replace",
+        "add_prefix_space": False,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        "pad_token": PAD_TOKENS[_check_family(family)],
+    }
+
+
+def tiny_model_index(family: str = "sd1") -> dict[str, Any]:
+    """``model_index.json`` of a ``StableDiffusionPipeline`` without safety checker."""
+    scheduler_class = tiny_scheduler_config(family)["_class_name"]
+    return {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+# -- weights ----------------------------------------------------------------------------------
+
+
+def _generator(seed: int, component: str, name: str) -> torch.Generator:
+    """A generator private to one tensor, so its values depend on nothing but its identity."""
+    digest = hashlib.sha256(f"{seed}/{component}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+@torch.no_grad()
+def init_weights(module: torch.nn.Module, seed: int, component: str) -> torch.nn.Module:
+    """Overwrite every floating-point parameter of ``module`` deterministically; return it.
+
+    * matrices, conv kernels and embeddings: N(0, 1/fan_in), which keeps activations of order
+      one through the stack, so attention logits are neither flat nor saturated;
+    * 1-d ``weight`` (GroupNorm / LayerNorm scales): 1 + N(0, 0.1), never the identity;
+    * biases: N(0, 0.05), never zero.
+    """
+    for name, param in module.named_parameters():
+        if not param.is_floating_point():
+            continue
+        g = _generator(seed, component, name)
+        noise = torch.randn(param.shape, generator=g, dtype=torch.float32)
+        if param.ndim >= 2:
+            fan_in = math.prod(param.shape[1:])
+            value = noise / math.sqrt(fan_in)
+        elif name.endswith("weight"):
+            value = 1.0 + NORM_SCALE_STD * noise
+        else:
+            value = BIAS_STD * noise
+        param.copy_(value)
+    return module
+
+
+def tiny_unet(family: str = "sd1", sample_size: int = 8, seed: int = 0):
+    """A deterministically initialised tiny ``UNet2DConditionModel`` in eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(tiny_unet_config(family, sample_size))
+    return init_weights(unet, seed, "unet").eval()
+
+
+def tiny_vae(family: str = "sd1", sample_size: int = 8, seed: int = 0):
+    """A deterministically initialised tiny ``AutoencoderKL`` in eval mode."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_config(tiny_vae_config(family, sample_size))
+    return init_weights(vae, seed, "vae").eval()
+
+
+def tiny_text_encoder(family: str = "sd1", seed: int = 0):
+    """A deterministically initialised tiny ``transformers.CLIPTextModel`` in eval mode."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(**tiny_text_encoder_config(family))
+    return init_weights(CLIPTextModel(config), seed, "text_encoder").eval()
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8", newline="")
+
+
+def _save_text_encoder(text_encoder, out_dir: Path) -> None:
+    """Write ``config.json`` and ``model.safetensors`` in the layout of the published repos."""
+    text_encoder.config.save_pretrained(out_dir)
+    # transformers >= 5.6 flattened CLIPTextModel (no `.text_model` attribute); the published
+    # files still name every tensor `text_model.*`, and transformers maps that prefix on load.
+    prefix = "" if hasattr(text_encoder, "text_model") else "text_model."
+    tensors = {prefix + k: v.contiguous() for k, v in text_encoder.state_dict().items()}
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def build_tiny_pipeline(
+    out_dir: str | Path, family: str = "sd1", seed: int = 0, sample_size: int = 8
+) -> Path:
+    """Write a tiny ``StableDiffusionPipeline`` folder to ``out_dir``; return its path.
+
+    The folder loads offline with ``diffusers.StableDiffusionPipeline.from_pretrained(out_dir)``.
+    ``sample_size`` is the latent side; images are ``8 * sample_size`` pixels wide. The same
+    ``seed`` writes byte-identical weight files.
+    """
+    _check_family(family)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tiny_unet(family, sample_size, seed).save_pretrained(out_dir / "unet", safe_serialization=True)
+    tiny_vae(family, sample_size, seed).save_pretrained(out_dir / "vae", safe_serialization=True)
+    _save_text_encoder(tiny_text_encoder(family, seed), out_dir / "text_encoder")
+
+    write_clip_vocab(out_dir / "tokenizer")
+    tokenizer = tiny_tokenizer_config(family)
+    _write_json(out_dir / "tokenizer" / "tokenizer_config.json", tokenizer)
+    special = {key: tokenizer[key] for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    _write_json(out_dir / "tokenizer" / "special_tokens_map.json", special)
+
+    _write_json(out_dir / "scheduler" / "scheduler_config.json", tiny_scheduler_config(family))
+    _write_json(out_dir / "model_index.json", tiny_model_index(family))
+    return out_dir
