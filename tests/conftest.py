@@ -8,6 +8,7 @@ that enables them, never silently dropped.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +29,81 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, flag in gates.items():
             if marker in item.keywords and not config.getoption(flag):
                 item.add_marker(pytest.mark.skip(reason=f"{marker}: enable with {flag}"))
+
+
+# ---------------------------------------------------------------------------- tiny models
+#
+# Tiny pipelines and bundles are built once per test session and shared by every xdist worker:
+# they live under the session's common temporary root and each is built under a file lock by
+# whichever worker asks first (a bundle's manifest names its source folder, so both must be the
+# same folder for every worker).
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if worker_id != "master" else root) / "shared"
+
+
+def _once(target: Path, build) -> Path:
+    """Build ``target`` (a directory) once across workers; ``build(target)`` must create it."""
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    done = target.with_name(target.name + ".done")  # beside, not inside: the tree stays as built
+    with FileLock(str(target) + ".lock"):
+        if not done.exists():
+            build(target)
+            done.touch()
+    return target
+
+
+def _tiny_dir(shared_dir: Path, family: str) -> Path:
+    from coreml_sd.convert.clip_vocab import find_clip_bpe
+    from coreml_sd.convert.tiny import build_tiny_pipeline
+
+    try:
+        find_clip_bpe()
+    except FileNotFoundError as e:  # the vocabulary's only source, installed by ./dev
+        pytest.fail(str(e))
+    return _once(shared_dir / f"tiny_{family}", lambda t: build_tiny_pipeline(t, family))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(shared_dir: Path) -> Path:
+    """A tiny SD 1.x diffusers folder (seed 0). Read-only: copy it before changing anything."""
+    return _tiny_dir(shared_dir, "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(shared_dir: Path) -> Path:
+    """A tiny SD 2.x (v-prediction) diffusers folder (seed 0). Read-only."""
+    return _tiny_dir(shared_dir, "sd2")
+
+
+# v2 bundles use a query chunk of 24 so that the tiny 8x8 latents (64 tokens) really are cut into
+# chunks with a partial last one, as 48x48 latents are with the default 512.
+TINY_V2_CHUNK = 24
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(shared_dir: Path, request: pytest.FixtureRequest):
+    """Factory: ``tiny_bundle(family="sd1", attention="split-einsum", **options) -> Path``; each
+    distinct request is converted once per session. Read-only: copy before changing anything."""
+    from coreml_sd.convert.converter import ConvertOptions, Progress, convert
+    from coreml_sd.convert.source import open_source
+
+    def get(family: str = "sd1", attention: str = "split-einsum", **options) -> Path:
+        source = request.getfixturevalue(f"tiny_{family}_dir")
+        chunk = TINY_V2_CHUNK if attention == "split-einsum-v2" else 512
+        opts = ConvertOptions(attention=attention, query_chunk=chunk, **options)
+        label = "-".join([family, attention, *(f"{k}={v}" for k, v in sorted(options.items()))]).replace(",", "+")
+        label = "".join(c if c.isalnum() or c in "-=+_" else "_" for c in label)
+
+        def build(target: Path) -> None:
+            target.mkdir()
+            convert(open_source(str(source)), target / "bundle", opts, Progress(log=lambda line: None))
+
+        return _once(shared_dir / "bundles" / label, build) / "bundle"
+
+    return get

@@ -1,0 +1,152 @@
+"""Writing a bundle atomically, and reusing components that are already converted.
+
+Everything is built in a staging directory beside the target (``.NAME.partial``) and renamed
+into place at the end, so the target is never a half bundle. Each finished component is recorded
+in the staging directory with its *recipe* hash (source fingerprint, settings, tool versions) and
+its file hashes; a re-run after an interruption keeps those, and a conversion over an existing
+bundle (``--overwrite``) hard-links the components whose recipe and files still match instead of
+converting them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..runtime.bundle import FORMAT_VERSION, MANIFEST, BundleError, hash_tree, read_manifest
+
+_PROGRESS = ".components.json"  # staging-only record of finished components
+
+
+class OutputError(Exception):
+    """The output path cannot be written as asked (one-line message)."""
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def _files_match(root: Path, files: dict[str, str]) -> bool:
+    try:
+        return all(hash_tree(root, rel) == {rel: sha} for rel, sha in files.items())
+    except OSError:
+        return False
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link a file or package (never modified in place), copying where links fail."""
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=link)
+    else:
+        link(str(src), str(dst))
+
+
+class BundleWriter:
+    def __init__(self, out: Path, overwrite: bool):
+        self.out = Path(out).absolute()
+        self.staging = self.out.parent / f".{self.out.name}.partial"
+        self.previous: dict[str, Any] | None = None
+        if self.out.exists():
+            if not overwrite:
+                raise OutputError(f"output {self.out} already exists; pass --overwrite to replace it")
+            if self.out.is_dir() and any(self.out.iterdir()):
+                try:
+                    self.previous = read_manifest(self.out)
+                except BundleError:
+                    raise OutputError(
+                        f"output {self.out} exists and is not a coreml-sd bundle; refusing to replace it (choose another -o)"
+                    ) from None
+            elif not self.out.is_dir():
+                raise OutputError(f"output {self.out} is a file; choose a directory path for -o")
+
+    def open(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(exist_ok=True)
+        self.done: dict[str, dict[str, Any]] = {}
+        record = self.staging / _PROGRESS
+        if record.exists():
+            try:
+                self.done = json.loads(record.read_text())
+            except ValueError:
+                self.done = {}
+
+    # ------------------------------------------------------------------ components
+
+    def reuse(self, name: str, recipe: str) -> str | None:
+        """Keep an already converted component if its recipe and files match: returns where it
+        came from ("interrupted run" or "existing bundle"), or None when it must be converted."""
+        entry = self.done.get(name)
+        if entry and entry["recipe"] == recipe and _files_match(self.staging, entry["files"]):
+            return "interrupted run"
+        self._drop(name)
+        old = (self.previous or {}).get("components", {}).get(name)
+        if old and old.get("recipe") == recipe:
+            files = {rel: sha for rel, sha in self.previous["files"].items() if rel.split("/")[0] in old["paths"]}
+            if files and _files_match(self.out, files):
+                for top in old["paths"]:
+                    _link_tree(self.out / top, self.staging / top)
+                self.record(name, {k: v for k, v in old.items() if k != "recipe"}, recipe, old["paths"])
+                return "existing bundle"
+        return None
+
+    def keep_only(self, names: set[str]) -> None:
+        """Forget staged components this run does not ask for (left by an earlier request)."""
+        for name in set(self.done) - names:
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        entry = self.done.pop(name, None)
+        for top in (entry or {}).get("paths", []):
+            path = self.staging / top
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self._save()
+
+    def record(self, name: str, entry: dict[str, Any], recipe: str, paths: list[str]) -> None:
+        """Mark a component finished: its manifest entry plus the hashes of its files."""
+        files: dict[str, str] = {}
+        for top in paths:
+            files.update(hash_tree(self.staging, top))
+        self.done[name] = {**entry, "recipe": recipe, "paths": paths, "files": files}
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.staging / (_PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(self.done, indent=1))
+        tmp.replace(self.staging / _PROGRESS)
+
+    # ------------------------------------------------------------------ finish
+
+    def write_text(self, rel: str, text: str) -> None:
+        (self.staging / rel).write_text(text)
+
+    def finish(self, manifest: dict[str, Any], extra_files: list[str]) -> Path:
+        """Write manifest.json (with every file's sha256) and move the bundle into place."""
+        files: dict[str, str] = {}
+        components = {}
+        for name, entry in sorted(self.done.items()):
+            files.update(entry["files"])
+            components[name] = {k: v for k, v in entry.items() if k != "files"}
+        for rel in extra_files:
+            files.update(hash_tree(self.staging, rel))
+        manifest = {"format_version": FORMAT_VERSION, **manifest, "components": components, "files": dict(sorted(files.items()))}
+        (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (self.staging / _PROGRESS).unlink()
+        old = None
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            self.out.rename(old)
+        self.staging.rename(self.out)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.out

@@ -1,0 +1,81 @@
+"""`coreml-sd convert`: one command from a checkpoint to a Core ML bundle.
+
+torch, diffusers and coremltools are imported inside the command, so `coreml-sd --help` and the
+other commands stay fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..runtime.bundle import COMPONENTS
+
+_ATTENTION = ("original", "split-einsum", "split-einsum-v2")
+_DEFAULT_COMPONENTS = ",".join(COMPONENTS)
+
+
+def _components(ctx, param, value: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(c.strip() for c in value.split(",") if c.strip()))
+    unknown = [c for c in names if c not in COMPONENTS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown component {', '.join(unknown) or '(none)'}; choose from {', '.join(COMPONENTS)}")
+    return names
+
+
+@click.command()
+@click.argument("source")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option(
+    "--attention",
+    type=click.Choice(_ATTENTION),
+    default="split-einsum",
+    show_default=True,
+    help="split-einsum(-v2) for the Neural Engine, original for the GPU.",
+)
+@click.option("--components", default=_DEFAULT_COMPONENTS, show_default=True, callback=_components, help="Comma-separated list.")
+@click.option("--height", type=int, help="Image height in pixels (default: the model's native size).")
+@click.option("--width", type=int, help="Image width in pixels (default: the model's native size).")
+@click.option("--unet-batch-one", is_flag=True, help="UNet takes batch 1 (two calls per step with guidance; less memory).")
+@click.option("--revision", help="Hub revision (branch, tag or commit) of SOURCE.")
+@click.option("--config", "config", help="Diffusers folder or hub id with the architecture of a single-file SOURCE.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle checkpoints (.ckpt, .bin): only for files you trust.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle (unchanged components are reused).")
+@click.option("--compile/--no-compile", "compile_", default=None, help="Compile to .mlmodelc (default: on macOS).")
+def convert(source, out, attention, components, height, width, unet_batch_one, revision, config, allow_pickle, overwrite, compile_):
+    """Convert a Stable Diffusion checkpoint to a Core ML bundle.
+
+    SOURCE is a model id on the Hugging Face hub, a local diffusers folder, or a single-file
+    .safetensors checkpoint.
+    """
+    from .bundle import OutputError
+    from .converter import ConvertError, ConvertOptions, Progress
+    from .converter import convert as run
+    from .export import CompileError
+    from .source import SourceError, open_source
+
+    def log(line: str) -> None:
+        click.echo(line, err=True)
+
+    opts = ConvertOptions(
+        attention=attention,
+        components=components,
+        height=height,
+        width=width,
+        unet_batch=1 if unet_batch_one else 2,
+        compile=compile_,
+        overwrite=overwrite,
+    )
+    try:
+        log(f"opening {source}")
+        src = open_source(source, revision=revision, allow_pickle=allow_pickle, config=config)
+        log(f"{src.kind} {src.id}: {src.family}, {src.prediction_type} prediction")
+        run(src, out, opts, Progress(log))
+    except (SourceError, ConvertError, OutputError, CompileError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        log(f"interrupted: finished components are kept in {out.parent / ('.' + out.name + '.partial')} and reused by the same command")
+        sys.exit(130)
+    click.echo(str(out))

@@ -1,0 +1,100 @@
+"""What each bundle component is: how to build its torch module and its Core ML interface.
+
+The names, shapes and dtypes are those Apple's Swift ``StableDiffusion`` package feeds and reads
+(``input_ids`` float32 (1, 77) -> ``last_hidden_state``, ``pooled_outputs``; ``sample``,
+``timestep``, ``encoder_hidden_states`` (B, C, 1, 77) -> ``noise_pred``; ``z`` -> ``image``;
+``x`` -> ``latent``), so a bundle made here loads in apps built on that package.
+One deliberate difference: ``timestep`` is declared float32 (Swift hands Core ML float32 arrays
+anyway and reads only the shape), because fractional timesteps of the Euler and DPM schedules
+would be rounded to 0.25 steps in float16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..models import AttentionImpl, load_text_encoder, load_unet, load_vae_decoder, load_vae_encoder
+from ..runtime.bundle import COMPONENTS
+from .export import TensorSpec
+from .source import Source
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes every component is converted for."""
+
+    height: int  # image pixels
+    width: int
+    unet_batch: int  # 2: both guidance branches in one call; 1: one call per branch
+    text_dim: int  # text embedding width (768 SD 1.x, 1024 SD 2.x)
+    max_length: int = 77
+
+    @property
+    def latent(self) -> tuple[int, int]:
+        return self.height // 8, self.width // 8
+
+
+@dataclass(frozen=True)
+class Component:
+    cli_name: str  # text-encoder, unet, ...
+    source_part: str  # the diffusers subfolder it comes from: text_encoder, unet, vae
+    build: Callable[[Source, AttentionImpl, int], torch.nn.Module]  # (source, attention, query_chunk)
+    interface: Callable[[Geometry], tuple[list[TensorSpec], list[TensorSpec]]]
+    description: str
+
+    @property
+    def name(self) -> str:  # the bundle's model name, e.g. "Unet"
+        return COMPONENTS[self.cli_name]
+
+
+def _text_encoder_io(g: Geometry):
+    return (
+        [TensorSpec("input_ids", (1, g.max_length), "float32", "Token ids (float), start token first, padded")],
+        [
+            TensorSpec("last_hidden_state", (1, g.max_length, g.text_dim), "float32", "Text embeddings after the final LayerNorm"),
+            TensorSpec("pooled_outputs", (1, g.text_dim), "float32", "Embedding at the end-of-text token"),
+        ],
+    )
+
+
+def _unet_io(g: Geometry):
+    h, w = g.latent
+    b = g.unet_batch
+    return (
+        [
+            TensorSpec("sample", (b, 4, h, w), "float16", "Latents, scaled for this timestep by the scheduler"),
+            TensorSpec("timestep", (b,), "float32", "Diffusion timestep per batch item"),
+            TensorSpec("encoder_hidden_states", (b, g.text_dim, 1, g.max_length), "float16", "Text embeddings, (B, C, 1, S)"),
+        ],
+        [TensorSpec("noise_pred", (b, 4, h, w), "float32", "Model prediction (noise or v, per the manifest)")],
+    )
+
+
+def _vae_decoder_io(g: Geometry):
+    h, w = g.latent
+    return (
+        [TensorSpec("z", (1, 4, h, w), "float16", "Latents divided by the VAE scaling factor")],
+        [TensorSpec("image", (1, 3, g.height, g.width), "float32", "RGB image in [-1, 1] (unclamped)")],
+    )
+
+
+def _vae_encoder_io(g: Geometry):
+    h, w = g.latent
+    return (
+        [TensorSpec("x", (1, 3, g.height, g.width), "float16", "RGB image in [-1, 1]")],
+        [TensorSpec("latent", (1, 8, h, w), "float32", "Latent mean (channels 0-3) and log-variance (4-7), unscaled")],
+    )
+
+
+COMPONENT_SPECS: dict[str, Component] = {
+    c.cli_name: c
+    for c in (
+        Component("text-encoder", "text_encoder", lambda s, a, q: load_text_encoder(s.load_text_encoder(), a), _text_encoder_io, "CLIP text encoder"),
+        Component("unet", "unet", lambda s, a, q: load_unet(s.load_unet(), a, q), _unet_io, "Denoising UNet"),
+        Component("vae-decoder", "vae", lambda s, a, q: load_vae_decoder(s.load_vae(), a, q), _vae_decoder_io, "VAE decoder: latents to image"),
+        Component("vae-encoder", "vae", lambda s, a, q: load_vae_encoder(s.load_vae(), a, q), _vae_encoder_io, "VAE encoder: image to latent moments"),
+    )
+}

@@ -1,0 +1,211 @@
+"""The conversion driver: a checkpoint in, a bundle out.
+
+Order of work: open and validate everything that can be checked cheaply (source, family,
+requested components, sizes, output path) before any expensive step; then per component: reuse
+it if already converted, else load -> trace -> convert -> save -> compile, freeing the torch
+modules before the next component so peak memory stays near the largest single one.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..models import AttentionImpl
+from ..runtime.bundle import MERGES, SCHEDULER_CONFIG, VOCAB
+from .bundle import BundleWriter, recipe_hash
+from .components import COMPONENT_SPECS, Geometry
+from .export import can_compile, compile_package, to_coreml, trace
+from .source import Source
+
+DEFAULT_COMPONENTS = ("text-encoder", "unet", "vae-decoder", "vae-encoder")
+
+
+class ConvertError(Exception):
+    """A conversion request that cannot be carried out (one-line message naming the fix)."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    attention: str = AttentionImpl.SPLIT_EINSUM.value
+    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    height: int | None = None  # image pixels; default: the model's native size
+    width: int | None = None
+    unet_batch: int = 2
+    compile: bool | None = None  # None: compile where Core ML exists (macOS)
+    overwrite: bool = False
+    query_chunk: int = 512
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass
+class Progress:
+    """Stage-by-stage progress lines with elapsed times."""
+
+    log: Callable[[str], None] = print
+    start: float = field(default_factory=time.perf_counter)
+
+    @contextmanager
+    def stage(self, component: str, what: str) -> Iterator[None]:
+        t = time.perf_counter()
+        self.log(f"[{component}] {what} ...")
+        yield
+        self.log(f"[{component}] {what} done in {time.perf_counter() - t:.1f}s")
+
+
+def tool_versions() -> dict[str, str]:
+    import coremltools
+    import diffusers
+    import numpy
+    import torch
+    import transformers
+
+    return {
+        "coreml-sd": __version__,
+        "coremltools": coremltools.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _geometry(source: Source, opts: ConvertOptions) -> Geometry:
+    unet, vae = source.unet_config(), source.vae_config()
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
+    native = unet["sample_size"] * vae_factor
+    height, width = opts.height or native, opts.width or native
+    for name, side in (("height", height), ("width", width)):
+        if side <= 0 or side % vae_factor:
+            raise ConvertError(f"--{name} {side}: the image side must be a positive multiple of {vae_factor} (the VAE's scale)")
+        if (side // vae_factor) % unet_factor:
+            step = vae_factor * unet_factor
+            raise ConvertError(
+                f"--{name} {side}: latent side {side // vae_factor} is not a multiple of {unet_factor} as this UNet needs; "
+                f"use a multiple of {step} pixels"
+            )
+    if opts.unet_batch not in (1, 2):
+        raise ConvertError(f"UNet batch {opts.unet_batch}: use 2 (default) or 1 (--unet-batch-one)")
+    return Geometry(height, width, opts.unet_batch, unet["cross_attention_dim"])
+
+
+def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), progress: Progress | None = None) -> Path:
+    """Convert ``source`` into the bundle directory ``out``; returns its path."""
+    progress = progress or Progress()
+    attention = AttentionImpl.parse(opts.attention)
+    unknown = [c for c in opts.components if c not in COMPONENT_SPECS]
+    if unknown or not opts.components:
+        raise ConvertError(f"unknown component {', '.join(unknown) or '(none)'}: choose from {', '.join(COMPONENT_SPECS)}")
+    components = [COMPONENT_SPECS[c] for c in DEFAULT_COMPONENTS if c in opts.components]
+    geometry = _geometry(source, opts)
+    configs = {"text_encoder": source.text_encoder_config, "unet": source.unet_config, "vae": source.vae_config}
+    for comp in components:  # a component the checkpoint lacks fails here, before any work
+        configs[comp.source_part]()
+    do_compile = can_compile() if opts.compile is None else opts.compile
+    if do_compile and not can_compile():
+        raise ConvertError("compiling to .mlmodelc needs macOS (Core ML); drop --compile on this system")
+    vocab, merges, pad_token = source.tokenizer_files()
+    writer = BundleWriter(out, opts.overwrite)
+
+    tools = tool_versions()
+    writer.open()
+    writer.keep_only({c.name for c in components})
+    for comp in components:
+        inputs, outputs = comp.interface(geometry)
+        recipe = recipe_hash(
+            {
+                "component": comp.cli_name,
+                "source": source.fingerprint(comp.source_part),
+                "attention": attention.value,
+                "query_chunk": opts.query_chunk,
+                "inputs": [s.as_dict() | {"name": s.name} for s in inputs],
+                "compiled": do_compile,
+                "tools": tools,
+            }
+        )
+        reused = writer.reuse(comp.name, recipe)
+        if reused:
+            progress.log(f"[{comp.cli_name}] unchanged: reused from the {reused}")
+            continue
+        t0 = time.perf_counter()
+        with progress.stage(comp.cli_name, "load"):
+            module = comp.build(source, attention, opts.query_chunk)
+        with progress.stage(comp.cli_name, "trace"):
+            traced = trace(module, inputs)
+        with progress.stage(comp.cli_name, "convert"):
+            metadata = {
+                "coreml-sd.version": __version__,
+                "coreml-sd.component": comp.name,
+                "coreml-sd.source": source.id,
+                "coreml-sd.attention": attention.value,
+            }
+            mlmodel = to_coreml(traced, inputs, outputs, metadata, f"{comp.description} ({source.id})")
+        del module, traced
+        gc.collect()
+        package = f"{comp.name}.mlpackage"
+        with progress.stage(comp.cli_name, "save"):
+            tmp = writer.staging / f".tmp-{package}"  # coremltools insists on the .mlpackage suffix
+            shutil.rmtree(tmp, ignore_errors=True)
+            mlmodel.save(str(tmp))
+            tmp.rename(writer.staging / package)
+        del mlmodel
+        gc.collect()
+        paths = [package]
+        if do_compile:
+            with progress.stage(comp.cli_name, "compile"):
+                compile_package(writer.staging / package, writer.staging / f"{comp.name}.mlmodelc")
+            paths.append(f"{comp.name}.mlmodelc")
+        entry = {
+            "package": package,
+            "compiled": f"{comp.name}.mlmodelc" if do_compile else None,
+            "precision": "float16",
+            "compression": None,
+            "inputs": {s.name: s.as_dict() for s in inputs},
+            "outputs": {s.name: s.as_dict() for s in outputs},
+        }
+        writer.record(comp.name, entry, recipe, paths)
+        progress.log(
+            f"[{comp.cli_name}] converted in {time.perf_counter() - t0:.1f}s (peak memory so far {peak_rss_bytes() / 2**30:.1f} GiB)"
+        )
+
+    shutil.copyfile(vocab, writer.staging / VOCAB)
+    shutil.copyfile(merges, writer.staging / MERGES)
+    writer.write_text(SCHEDULER_CONFIG, json.dumps(source.scheduler_config(), indent=2) + "\n")
+    h, w = geometry.latent
+    manifest: dict[str, Any] = {
+        "created_by": f"coreml-sd {__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"kind": source.kind, "id": source.id, "revision": source.revision},
+        "family": source.family,
+        "prediction_type": source.prediction_type,
+        "image_size": [geometry.height, geometry.width],
+        "latent_size": [h, w],
+        "attention": attention.value,
+        "query_chunk": opts.query_chunk,
+        "unet_batch": geometry.unet_batch,
+        "text_embedding_dim": geometry.text_dim,
+        "tokenizer": {"pad_token": pad_token, "max_length": geometry.max_length},
+        "vae": {"scaling_factor": source.vae_config().get("scaling_factor", 0.18215)},
+        "tools": tools,
+    }
+    path = writer.finish(manifest, [VOCAB, MERGES, SCHEDULER_CONFIG])
+    progress.log(f"bundle written to {path} in {time.perf_counter() - progress.start:.1f}s")
+    return path

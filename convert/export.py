@@ -1,0 +1,104 @@
+"""torch module -> Core ML ML program -> (on macOS) compiled ``.mlmodelc``.
+
+The one place that calls ``torch.jit.trace`` and ``coremltools.convert``. Programs are float16
+compute, macOS 13 / iOS 16 minimum (what Apple's Swift package and its apps target), with the
+input and output types Apple's pipeline feeds and reads: float16 activations in, float32 out
+(float16 outputs crash ``MLShapedArray<Float32>`` conversion on macOS 13).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as the Core ML model declares it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # "float16" | "float32"
+    description: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+
+class CompileError(Exception):
+    pass
+
+
+def trace(module: torch.nn.Module, inputs: list[TensorSpec]) -> torch.jit.ScriptModule:
+    """Trace with zero example inputs of the declared shapes (values do not change the graph:
+    the modules have no data-dependent control flow)."""
+    examples = tuple(torch.zeros(spec.shape) for spec in inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        # Python branches on tensor shapes (attention chunking) are meant to be frozen: every
+        # conversion is for fixed shapes.
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # Deprecated in torch 2.13 in favour of torch.export; coremltools 9 converts both, and
+        # the TorchScript path is the one Apple's and our tooling have exercised at scale.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=DeprecationWarning)
+        return torch.jit.trace(module.eval(), examples, check_trace=False)
+
+
+def to_coreml(
+    traced: torch.jit.ScriptModule,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    metadata: dict[str, str],
+    description: str,
+):
+    """Convert a traced module to a float16 ML program; returns a ``coremltools.models.MLModel``."""
+    import coremltools as ct
+
+    model = ct.convert(
+        traced,
+        convert_to="mlprogram",
+        inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=_DTYPES[s.dtype]) for s in inputs],
+        outputs=[ct.TensorType(name=s.name, dtype=_DTYPES[s.dtype]) for s in outputs],
+        compute_precision=ct.precision.FLOAT16,
+        minimum_deployment_target=ct.target.macOS13,
+        skip_model_load=True,  # loading needs macOS; compilation (below) checks the model there
+    )
+    model.short_description = description
+    model.author = "coreml-sd"
+    for spec in inputs:
+        if spec.description:
+            model.input_description[spec.name] = spec.description
+    for spec in outputs:
+        if spec.description:
+            model.output_description[spec.name] = spec.description
+    model.user_defined_metadata.update(metadata)
+    return model
+
+
+def can_compile() -> bool:
+    """Compiling to .mlmodelc needs the Core ML framework: macOS only."""
+    return sys.platform == "darwin"
+
+
+def compile_package(package: Path, destination: Path) -> Path:
+    """Compile ``X.mlpackage`` to ``destination`` (``X.mlmodelc``) with coremltools' binding of
+    the Core ML compiler (no Xcode needed). Any failure is a ``CompileError``."""
+    import coremltools as ct
+
+    if destination.exists():
+        shutil.rmtree(destination)
+    try:
+        compiled = Path(ct.utils.compile_model(str(package), str(destination)))
+    except Exception as exc:  # coremltools raises bare Exceptions here
+        raise CompileError(f"compiling {package.name} failed: {exc}") from exc
+    if not (compiled / "coremldata.bin").exists():
+        raise CompileError(f"compiling {package.name} produced no coremldata.bin in {compiled}")
+    return compiled

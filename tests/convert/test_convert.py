@@ -1,0 +1,284 @@
+"""`coreml-sd convert` on tiny SD 1.x and SD 2.x (v-prediction) models, every attention kind.
+
+The bundle is checked against the contract written out here (Apple's Swift package's names,
+shapes and dtypes; the manifest fields), not against the converter's own tables: packages
+reload through coremltools, hashes match the disk, tokenizer and scheduler files match the source.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import coremltools as ct
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from coremltools.converters.mil.frontend.milproto import load as mil_load
+from coremltools.proto import FeatureTypes_pb2 as ft
+
+import coreml_sd
+from coreml_sd.cli import main
+from coreml_sd.runtime.bundle import hash_tree, verify_files
+
+FAMILIES = ("sd1", "sd2")
+ATTENTIONS = ("original", "split-einsum", "split-einsum-v2")
+TEXT_DIM = {"sd1": 32, "sd2": 64}  # the tiny models' text widths (768 / 1024 in real SD 1.x / 2.x)
+DTYPE = {ft.ArrayFeatureType.FLOAT16: "float16", ft.ArrayFeatureType.FLOAT32: "float32"}
+
+
+def contract(family: str, batch: int = 2) -> dict[str, tuple[dict, dict]]:
+    """What each package must declare: {model: ({input: (shape, dtype)}, {output: (shape, dtype)})}."""
+    c = TEXT_DIM[family]
+    return {
+        "TextEncoder": (
+            {"input_ids": ((1, 77), "float32")},
+            {"last_hidden_state": ((1, 77, c), "float32"), "pooled_outputs": ((1, c), "float32")},
+        ),
+        "Unet": (
+            {
+                "sample": ((batch, 4, 8, 8), "float16"),
+                "timestep": ((batch,), "float32"),
+                "encoder_hidden_states": ((batch, c, 1, 77), "float16"),
+            },
+            {"noise_pred": ((batch, 4, 8, 8), "float32")},
+        ),
+        "VAEDecoder": ({"z": ((1, 4, 8, 8), "float16")}, {"image": ((1, 3, 64, 64), "float32")}),
+        "VAEEncoder": ({"x": ((1, 3, 64, 64), "float16")}, {"latent": ((1, 8, 8, 8), "float32")}),
+    }
+
+
+def described(features) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {f.name: (tuple(f.type.multiArrayType.shape), DTYPE[f.type.multiArrayType.dataType]) for f in features}
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, ["convert", *args])
+
+
+@pytest.fixture(params=[(f, a) for f in FAMILIES for a in ATTENTIONS], ids=lambda p: f"{p[0]}-{p[1]}")
+def converted(request, tiny_bundle):
+    family, attention = request.param
+    return family, attention, tiny_bundle(family, attention)
+
+
+def test_bundle_contract(converted, request):
+    family, attention, bundle = converted
+    source = request.getfixturevalue(f"tiny_{family}_dir")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+
+    assert manifest["format_version"] == 1
+    assert manifest["source"] == {"kind": "folder", "id": str(source), "revision": None}
+    assert manifest["family"] == family
+    assert manifest["prediction_type"] == {"sd1": "epsilon", "sd2": "v_prediction"}[family]
+    assert manifest["image_size"] == [64, 64] and manifest["latent_size"] == [8, 8]
+    assert manifest["attention"] == attention
+    assert manifest["unet_batch"] == 2
+    assert manifest["tokenizer"] == {"pad_token": {"sd1": "<|endoftext|>", "sd2": "!"}[family], "max_length": 77}
+    assert manifest["vae"] == {"scaling_factor": 0.18215}
+    assert manifest["tools"]["coreml-sd"] == coreml_sd.__version__
+    assert manifest["tools"]["coremltools"] == ct.__version__
+
+    # Every file on disk is hashed in the manifest, and every hash is right.
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    verify_files(bundle, manifest["files"])
+
+    # Tokenizer and scheduler come from the source unchanged.
+    assert (bundle / "vocab.json").read_bytes() == (source / "tokenizer" / "vocab.json").read_bytes()
+    assert (bundle / "merges.txt").read_bytes() == (source / "tokenizer" / "merges.txt").read_bytes()
+    assert json.loads((bundle / "scheduler_config.json").read_text()) == json.loads(
+        (source / "scheduler" / "scheduler_config.json").read_text()
+    )
+
+    for name, (inputs, outputs) in contract(family).items():
+        entry = manifest["components"][name]
+        assert entry["package"] == f"{name}.mlpackage" and entry["precision"] == "float16"
+        model = ct.models.MLModel(str(bundle / entry["package"]), skip_model_load=True)
+        spec = model.get_spec()
+        assert described(spec.description.input) == inputs
+        assert described(spec.description.output) == outputs
+        assert spec.WhichOneof("Type") == "mlProgram"
+        assert model.user_defined_metadata["coreml-sd.attention"] == attention
+        # The ML program itself reads back: the MIL backend will execute exactly this.
+        program = mil_load.load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
+        ops = [op.op_type for op in program.functions["main"].operations]
+        assert "einsum" in ops or "matmul" in ops
+
+
+def test_v2_bundle_really_chunks(tiny_bundle):
+    """Chunked attention leaves more attention products in the program than unchunked."""
+
+    def einsums(bundle: Path) -> int:
+        model = ct.models.MLModel(str(bundle / "Unet.mlpackage"), skip_model_load=True)
+        spec = model.get_spec()
+        program = mil_load.load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
+        return sum(op.op_type == "einsum" for op in program.functions["main"].operations)
+
+    assert einsums(tiny_bundle("sd1", "split-einsum-v2")) > einsums(tiny_bundle("sd1", "split-einsum"))
+
+
+def test_cli_converts_with_progress(tiny_sd1_dir, tmp_path):
+    out = tmp_path / "b"
+    result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder", "--attention", "original")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out)
+    for stage in ("load", "trace", "convert", "save"):
+        assert f"[text-encoder] {stage} done in" in result.stderr
+        assert f"[vae-decoder] {stage} done in" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["components"]) == ["TextEncoder", "VAEDecoder"]
+    assert not (tmp_path / ".b.partial").exists()
+
+
+def test_unet_batch_one(tiny_bundle):
+    bundle = tiny_bundle("sd1", "split-einsum", unet_batch=1, components=("unet",))
+    spec = ct.models.MLModel(str(bundle / "Unet.mlpackage"), skip_model_load=True).get_spec()
+    assert described(spec.description.input) == contract("sd1", batch=1)["Unet"][0]
+    assert json.loads((bundle / "manifest.json").read_text())["unet_batch"] == 1
+
+
+def test_single_file_gives_the_same_weights(tiny_sd1_single_file, tiny_sd1_dir, tiny_bundle, tmp_path):
+    """A .safetensors checkpoint converts to byte-identical weights as its diffusers folder."""
+    out = tmp_path / "b"
+    result = run(str(tiny_sd1_single_file), "--config", str(tiny_sd1_dir), "-o", str(out), "--components", "unet")
+    assert result.exit_code == 0, result.output
+    folder = tiny_bundle("sd1", "split-einsum")
+    weights = "Unet.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
+    assert hash_tree(out, weights) == hash_tree(folder, weights)
+    assert json.loads((out / "manifest.json").read_text())["source"]["kind"] == "single-file"
+
+
+# ------------------------------------------------------------------ atomicity and reuse
+
+
+def test_interrupted_run_leaves_no_bundle_and_resumes(tiny_sd1_dir, tmp_path, monkeypatch):
+    from coreml_sd.convert import converter
+
+    out = tmp_path / "b"
+    real = converter.to_coreml
+
+    def fail_on_decoder(traced, inputs, *args):
+        if inputs[0].name == "z":
+            raise KeyboardInterrupt
+        return real(traced, inputs, *args)
+
+    monkeypatch.setattr(converter, "to_coreml", fail_on_decoder)
+    result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder")
+    assert result.exit_code == 130
+    assert "interrupted" in result.stderr
+    assert not out.exists()  # no half bundle at the target
+    assert (tmp_path / ".b.partial" / "TextEncoder.mlpackage").is_dir()
+
+    monkeypatch.setattr(converter, "to_coreml", real)
+    result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder")
+    assert result.exit_code == 0, result.output
+    assert "[text-encoder] unchanged: reused from the interrupted run" in result.stderr
+    assert "[vae-decoder] convert done" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    verify_files(out, manifest["files"])
+    assert not (tmp_path / ".b.partial").exists()
+
+
+def test_overwrite_reuses_matching_components(tiny_sd1_dir, tmp_path):
+    out = tmp_path / "b"
+    args = [str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder"]
+    assert run(*args).exit_code == 0
+    before = json.loads((out / "manifest.json").read_text())["files"]
+
+    again = run(*args, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert "[text-encoder] unchanged: reused from the existing bundle" in again.stderr
+    assert "[vae-decoder] unchanged: reused from the existing bundle" in again.stderr
+    assert json.loads((out / "manifest.json").read_text())["files"] == before
+
+    # A changed setting reconverts what it affects.
+    changed = run(*args, "--overwrite", "--attention", "original")
+    assert changed.exit_code == 0
+    assert "[text-encoder] convert done" in changed.stderr
+
+
+def test_tampered_component_is_reconverted(tiny_sd1_dir, tmp_path):
+    out = tmp_path / "b"
+    args = [str(tiny_sd1_dir), "-o", str(out), "--components", "vae-decoder"]
+    assert run(*args).exit_code == 0
+    weights = out / "VAEDecoder.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
+    weights.write_bytes(b"\0" * weights.stat().st_size)
+    again = run(*args, "--overwrite")
+    assert again.exit_code == 0
+    assert "[vae-decoder] convert done" in again.stderr
+    verify_files(out, json.loads((out / "manifest.json").read_text())["files"])
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    message = result.stderr.strip().splitlines()
+    assert len(message) >= 1 and message[-1].startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in message[-1], message[-1]
+
+
+def test_unknown_source(tmp_path):
+    one_line_error(run(str(tmp_path / "nope"), "-o", str(tmp_path / "b")), "nope")
+    assert not (tmp_path / "b").exists()
+
+
+def test_output_exists_without_overwrite(tiny_sd1_dir, tmp_path):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    one_line_error(run(str(tiny_sd1_dir), "-o", str(out)), "already exists", "--overwrite")
+    one_line_error(run(str(tiny_sd1_dir), "-o", str(out), "--overwrite"), "not a coreml-sd bundle")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("flag", "value", "fragment"), [("--height", "60", "multiple of 8"), ("--width", "72", "latent side 9")])
+def test_bad_sizes(tiny_sd1_dir, tmp_path, flag, value, fragment):
+    one_line_error(run(str(tiny_sd1_dir), "-o", str(tmp_path / "b"), flag, value), fragment)
+    assert not (tmp_path / "b").exists() and not (tmp_path / ".b.partial").exists()
+
+
+def test_unsupported_family(tiny_sd1_dir, tmp_path):
+    src = tmp_path / "sdxl"
+    shutil.copytree(tiny_sd1_dir, src)
+    cfg = json.loads((src / "unet" / "config.json").read_text())
+    cfg["addition_embed_type"] = "text_time"
+    (src / "unet" / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run(str(src), "-o", str(tmp_path / "b")), "Stable Diffusion XL", "1.x and 2.x")
+
+
+def test_missing_component(tiny_sd1_dir, tmp_path):
+    src = tmp_path / "novae"
+    shutil.copytree(tiny_sd1_dir, src)
+    shutil.rmtree(src / "vae")
+    one_line_error(run(str(src), "-o", str(tmp_path / "b"), "--components", "text-encoder,vae-decoder"), "vae")
+    assert not (tmp_path / ".b.partial").exists()
+
+
+def test_pickle_refused(tmp_path):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not really a pickle")
+    one_line_error(run(str(ckpt), "-o", str(tmp_path / "b")), "--allow-pickle")
+
+
+def test_unknown_component(tiny_sd1_dir, tmp_path):
+    result = run(str(tiny_sd1_dir), "-o", str(tmp_path / "b"), "--components", "unet,safety-checker")
+    assert result.exit_code == 2 and "safety-checker" in result.output
+
+
+@pytest.mark.macos
+def test_compiles_on_macos(tiny_sd1_dir, tmp_path):
+    out = tmp_path / "b"
+    result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["components"]["TextEncoder"]["compiled"] == "TextEncoder.mlmodelc"
+    assert (out / "TextEncoder.mlmodelc" / "coremldata.bin").is_file()
+    model = ct.models.CompiledMLModel(str(out / "TextEncoder.mlmodelc"))
+    ids = np.zeros((1, 77), np.float32)
+    assert model.predict({"input_ids": ids})["last_hidden_state"].shape == (1, 77, 32)
