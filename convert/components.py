@@ -6,7 +6,8 @@ The names, shapes and dtypes are those Apple's Swift ``StableDiffusion`` package
 ``x`` -> ``latent``), so a bundle made here loads in apps built on that package.
 One deliberate difference: ``timestep`` is declared float32 (Swift hands Core ML float32 arrays
 anyway and reads only the shape), because fractional timesteps of the Euler and DPM schedules
-would be rounded to 0.25 steps in float16.
+would be rounded to 0.25 steps in float16; its sinusoidal features are computed in float32 too
+(``export.float32_features_of``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Component:
     build: Callable[[Source, AttentionImpl, int], torch.nn.Module]  # (source, attention, query_chunk)
     interface: Callable[[Geometry], tuple[list[TensorSpec], list[TensorSpec]]]
     description: str
+    float32_features: tuple[str, ...] = ()  # inputs whose element-wise features stay float32
 
     @property
     def name(self) -> str:  # the bundle's model name, e.g. "Unet"
@@ -93,7 +95,7 @@ COMPONENT_SPECS: dict[str, Component] = {
     c.cli_name: c
     for c in (
         Component("text-encoder", "text_encoder", lambda s, a, q: load_text_encoder(s.load_text_encoder(), a), _text_encoder_io, "CLIP text encoder"),
-        Component("unet", "unet", lambda s, a, q: load_unet(s.load_unet(), a, q), _unet_io, "Denoising UNet"),
+        Component("unet", "unet", lambda s, a, q: load_unet(s.load_unet(), a, q), _unet_io, "Denoising UNet", ("timestep",)),
         Component("vae-decoder", "vae", lambda s, a, q: load_vae_decoder(s.load_vae(), a, q), _vae_decoder_io, "VAE decoder: latents to image"),
         Component("vae-encoder", "vae", lambda s, a, q: load_vae_encoder(s.load_vae(), a, q), _vae_encoder_io, "VAE encoder: image to latent moments"),
     )

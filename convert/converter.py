@@ -136,6 +136,7 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
                 "source": source.fingerprint(comp.source_part),
                 "attention": attention.value,
                 "query_chunk": opts.query_chunk,
+                "float32_features": list(comp.float32_features),
                 "inputs": [s.as_dict() | {"name": s.name} for s in inputs],
                 "compiled": do_compile,
                 "tools": tools,
@@ -157,7 +158,9 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
                 "coreml-sd.source": source.id,
                 "coreml-sd.attention": attention.value,
             }
-            mlmodel = to_coreml(traced, inputs, outputs, metadata, f"{comp.description} ({source.id})")
+            mlmodel = to_coreml(
+                traced, inputs, outputs, metadata, f"{comp.description} ({source.id})", comp.float32_features
+            )
         del module, traced
         gc.collect()
         package = f"{comp.name}.mlpackage"
