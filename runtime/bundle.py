@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +81,230 @@ def verify_files(bundle: Path, files: dict[str, str], prefix: str = "") -> None:
             raise BundleError(f"{bundle}: missing file {rel}; the bundle is incomplete, re-run 'coreml-sd convert'")
         if sha256_file(path) != want:
             raise BundleError(f"{bundle}: {rel} does not match its sha256 in {MANIFEST} (corrupt or modified); re-run 'coreml-sd convert'")
+
+
+# ------------------------------------------------------------------ opening a bundle for the runtime
+
+# Apple's python converter names packages "Stable_Diffusion_version_<model>_<submodule>.mlpackage".
+_APPLE_SUBMODULES = {
+    "TextEncoder": ("text_encoder",),
+    "Unet": ("unet",),
+    "VAEDecoder": ("vae_decoder",),
+    "VAEEncoder": ("vae_encoder",),
+}
+# What a bundle without a scheduler config gets: the noise schedule every SD 1.x / 2.x checkpoint
+# was trained with (Apple's Swift package hard-codes the same values), PNDM as in SD 1.5.
+DEFAULT_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,  # SD configs say so; DDIM's own default would clip x0 to [-1, 1]
+    "prediction_type": "epsilon",
+}
+
+
+@dataclass
+class ModelFiles:
+    """Where one component lives: a package, a compiled model, or both; several when chunked."""
+
+    packages: list[Path] = field(default_factory=list)
+    compiled: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Bundle:
+    """Everything the runtime needs from a bundle directory, whatever its layout."""
+
+    path: Path
+    layout: str  # "coreml-sd" | "apple-packages" | "apple-compiled"
+    models: dict[str, ModelFiles]
+    vocab: Path
+    merges: Path
+    scheduler_config: dict[str, Any]
+    family: str
+    prediction_type: str
+    image_size: tuple[int, int]  # (height, width) pixels
+    unet_batch: int
+    pad_token: str
+    vae_scaling: float
+    name: str  # the model's name for image metadata
+    manifest: dict[str, Any] | None = None
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        return self.image_size[0] // 8, self.image_size[1] // 8
+
+    def has(self, component: str) -> bool:
+        files = self.models.get(component)
+        return bool(files and (files.packages or files.compiled))
+
+
+def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Open a bundle: ours (``manifest.json``), or one of Apple's published layouts (a
+    ``packages/`` folder of long-named ``.mlpackage`` files, or a compiled ``Resources``-style
+    folder of ``.mlmodelc`` with ``vocab.json`` and ``merges.txt``), detected automatically.
+    ``verify`` checks every file of ours against its sha256 (cached per file size and mtime)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle directory; convert one with 'coreml-sd convert'")
+    if (root / MANIFEST).exists():
+        return _open_ours(root, verify)
+    if any(root.glob("*.mlmodelc")):
+        return _open_apple(root, "apple-compiled")
+    if any(root.glob("*.mlpackage")):
+        return _open_apple(root, "apple-packages")
+    raise BundleError(f"{root}: neither a coreml-sd bundle (manifest.json) nor a folder of Core ML models")
+
+
+def _open_ours(root: Path, verify: bool) -> Bundle:
+    manifest = read_manifest(root)
+    if verify:
+        verify_cached(root, manifest["files"])
+    models = {}
+    for name, entry in manifest["components"].items():
+        files = ModelFiles()
+        if entry.get("package"):
+            files.packages.append(root / entry["package"])
+        if entry.get("compiled"):
+            files.compiled.append(root / entry["compiled"])
+        models[name] = files
+    try:
+        scheduler = json.loads((root / SCHEDULER_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{root}: unreadable {SCHEDULER_CONFIG} ({exc}); re-run 'coreml-sd convert'") from None
+    source = manifest.get("source", {})
+    name = Path(str(source.get("id", root.name))).name if source.get("kind") != "hub" else source["id"]
+    h, w = manifest["image_size"]
+    return Bundle(
+        path=root,
+        layout="coreml-sd",
+        models=models,
+        vocab=root / VOCAB,
+        merges=root / MERGES,
+        scheduler_config=scheduler,
+        family=manifest["family"],
+        prediction_type=manifest["prediction_type"],
+        image_size=(h, w),
+        unet_batch=manifest["unet_batch"],
+        pad_token=manifest["tokenizer"]["pad_token"],
+        vae_scaling=manifest["vae"]["scaling_factor"],
+        name=name,
+        manifest=manifest,
+    )
+
+
+def _apple_models(root: Path, layout: str) -> dict[str, ModelFiles]:
+    models: dict[str, ModelFiles] = {}
+    for name, subs in _APPLE_SUBMODULES.items():
+        files = ModelFiles()
+        if layout == "apple-compiled":
+            chunks = [root / f"{name}Chunk{i}.mlmodelc" for i in (1, 2)]
+            if all(c.is_dir() for c in chunks):  # the Swift package prefers chunks when both exist
+                files.compiled = chunks
+            elif (root / f"{name}.mlmodelc").is_dir():
+                files.compiled = [root / f"{name}.mlmodelc"]
+        else:
+            for sub in subs:
+                chunks = [sorted(root.glob(f"*_{sub}_chunk{i}.mlpackage")) for i in (1, 2)]
+                whole = sorted(root.glob(f"*_{sub}.mlpackage"))
+                if all(len(c) == 1 for c in chunks):
+                    files.packages = [chunks[0][0], chunks[1][0]]
+                elif len(whole) == 1:
+                    files.packages = whole
+                elif len(whole) > 1:
+                    raise BundleError(f"{root}: several *_{sub}.mlpackage files; keep one model per folder")
+        if files.packages or files.compiled:
+            models[name] = files
+    return models
+
+
+def _open_apple(root: Path, layout: str) -> Bundle:
+    models = _apple_models(root, layout)
+    missing = [n for n in ("TextEncoder", "Unet", "VAEDecoder") if n not in models]
+    if missing:
+        raise BundleError(f"{root}: no {', '.join(missing)} model in this {layout} folder; it is not a complete pipeline")
+    # Tokenizer files sit beside compiled models; Apple's packages/ folders have none, so look in
+    # the sibling compiled/ folder too.
+    candidates = [root, root.parent / "compiled", root.parent]
+    tokenizer = next((d for d in candidates if (d / VOCAB).is_file() and (d / MERGES).is_file()), None)
+    if tokenizer is None:
+        raise BundleError(f"{root}: no {VOCAB} and {MERGES} here or in ../compiled; copy the CLIP tokenizer files beside the models")
+    unet = _describe(models["Unet"])
+    text = _describe(models["TextEncoder"])
+    sample = unet[0]["sample"]
+    hidden = text[1].get("last_hidden_state")
+    if hidden is None:
+        raise BundleError(f"{root}: the text encoder has no last_hidden_state output (SDXL bundles are not supported)")
+    family = "sd2" if hidden[-1] == 1024 else "sd1"
+    model = next(iter(models["Unet"].packages or models["Unet"].compiled)).name
+    name = model.removeprefix("Stable_Diffusion_version_").rsplit("_unet", 1)[0] if layout == "apple-packages" else root.parent.name or root.name
+    return Bundle(
+        path=root,
+        layout=layout,
+        models=models,
+        vocab=tokenizer / VOCAB,
+        merges=tokenizer / MERGES,
+        scheduler_config=DEFAULT_SCHEDULER,
+        family=family,
+        prediction_type="epsilon",  # Apple's Swift pipeline supports only noise prediction
+        image_size=(sample[2] * 8, sample[3] * 8),
+        unet_batch=sample[0],
+        # diffusers pads SD 2.x prompts with "!" (Apple's Swift package pads all with the end token).
+        pad_token="!" if family == "sd2" else "<|endoftext|>",
+        vae_scaling=0.18215,
+        name=name,
+    )
+
+
+def _describe(files: ModelFiles) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Input and output shapes of a model (first chunk's inputs, last chunk's outputs), read
+    without loading it: from a package's spec, or a compiled model's metadata.json."""
+    first = files.packages[0] if files.packages else files.compiled[0]
+    last = files.packages[-1] if files.packages else files.compiled[-1]
+    return describe_shapes(first)[0], describe_shapes(last)[1]
+
+
+def describe_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    from .backends import BackendError, describe_model
+
+    try:
+        inputs, outputs = describe_model(path)
+    except BackendError as exc:
+        raise BundleError(str(exc)) from None
+    return {n: d.shape for n, d in inputs.items()}, {n: d.shape for n, d in outputs.items()}
+
+
+def _cache_file(root: Path) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "coreml-sd" / "verified"
+    return base / (hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32] + ".json")
+
+
+def verify_cached(root: Path, files: dict[str, str]) -> None:
+    """``verify_files``, skipping files whose size and mtime match a previous successful check
+    (hashing a 1.6 GB UNet on every run would cost seconds)."""
+    cache = _cache_file(root)
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    checked: dict[str, list] = {}
+    for rel, want in files.items():
+        path = root / rel
+        try:
+            st = path.stat()
+        except OSError:
+            raise BundleError(f"{root}: missing file {rel}; the bundle is incomplete, re-run 'coreml-sd convert'") from None
+        stamp = [want, st.st_size, st.st_mtime_ns]
+        if known.get(rel) != stamp:
+            verify_files(root, {rel: want})
+        checked[rel] = stamp
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(checked))
+    except OSError:
+        pass  # a read-only home only costs the next run a full check

@@ -66,6 +66,46 @@ def describe(spec) -> tuple[dict[str, TensorDescription], dict[str, TensorDescri
     return table(spec.description.input), table(spec.description.output)
 
 
+def compiled_schema(path: Path) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
+    """Descriptions of a compiled ``.mlmodelc`` from its ``metadata.json`` (written by the Core ML
+    compiler: ``inputSchema``/``outputSchema`` entries with name, dataType and a shape string
+    such as "[2, 4, 64, 64]")."""
+    import json
+
+    try:
+        meta = json.loads((path / "metadata.json").read_text())
+        meta = meta[0] if isinstance(meta, list) else meta
+        types = {"Float16": "float16", "Float32": "float32", "Double": "float64", "Int32": "int32"}
+
+        def table(schema) -> dict[str, TensorDescription]:
+            out = {}
+            for entry in schema:
+                shape = entry.get("shape", [])
+                shape = json.loads(shape) if isinstance(shape, str) else shape
+                dtype = types.get(entry.get("dataType", "Float32"), "float32")
+                out[entry["name"]] = TensorDescription(entry["name"], tuple(int(d) for d in shape), dtype)
+            return out
+
+        return table(meta.get("inputSchema", [])), table(meta.get("outputSchema", []))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BackendError(f"{path}: unreadable metadata.json ({exc}); recompile the model") from None
+
+
+def describe_model(path: Path) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
+    """Input/output descriptions of a ``.mlpackage`` or ``.mlmodelc`` without loading it."""
+    path = Path(path)
+    if path.suffix == ".mlmodelc":
+        return compiled_schema(path)
+    import coremltools as ct
+
+    try:
+        return describe(ct.utils.load_spec(str(path)))
+    except BackendError:
+        raise
+    except Exception as exc:
+        raise BackendError(f"{path}: not a readable Core ML package ({exc})") from None
+
+
 def check_inputs(path: Path, wanted: dict[str, TensorDescription], given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Inputs validated against the model's descriptions and cast to their declared dtypes."""
     missing, extra = sorted(wanted.keys() - given.keys()), sorted(given.keys() - wanted.keys())
@@ -82,6 +122,27 @@ def check_inputs(path: Path, wanted: dict[str, TensorDescription], given: dict[s
 
 def default_backend() -> str:
     return "coreml" if sys.platform == "darwin" else "mil"
+
+
+class ChainedModel:
+    """A model split in chunks (Apple's ``UnetChunk1``/``UnetChunk2``): each chunk reads the
+    original inputs and the previous chunks' outputs by name, as the Swift package chains them."""
+
+    def __init__(self, chunks: list[Model]):
+        self.chunks = chunks
+        self.path = chunks[0].path
+        produced: set[str] = set()
+        self.inputs = {}
+        for chunk in chunks:
+            self.inputs.update({n: d for n, d in chunk.inputs.items() if n not in produced and n not in self.inputs})
+            produced |= set(chunk.outputs)
+        self.outputs = chunks[-1].outputs
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = dict(inputs)
+        for chunk in self.chunks:
+            values.update(chunk.predict({n: values[n] for n in chunk.inputs}))
+        return {n: values[n] for n in self.outputs}
 
 
 def load_model(

@@ -1,0 +1,44 @@
+"""The ``coreml`` backend: Core ML itself, on macOS, on the chosen compute units.
+
+Deliberately thin: descriptions, input checks and everything around the model call are shared
+with the ``mil`` backend; only loading and ``predict`` go through coremltools' Core ML binding.
+A compiled ``.mlmodelc`` loads without the compile step a ``.mlpackage`` needs on first use.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import COMPUTE_UNITS, BackendError, check_inputs, describe_model
+
+
+class CoreMLModel:
+    def __init__(self, path: Path, compute_units: str = "CPU_AND_NE"):
+        if sys.platform != "darwin":
+            raise BackendError("the coreml backend needs macOS (Core ML); use --backend mil on this system")
+        if compute_units not in COMPUTE_UNITS:
+            raise BackendError(f"unknown compute units {compute_units!r}: use one of {', '.join(COMPUTE_UNITS)}")
+        import coremltools as ct
+
+        self.path = Path(path)
+        self.compute_units = compute_units
+        self.inputs, self.outputs = describe_model(self.path)
+        units = ct.ComputeUnit[compute_units]
+        try:
+            if self.path.suffix == ".mlmodelc":
+                self._model = ct.models.CompiledMLModel(str(self.path), compute_units=units)
+            else:
+                self._model = ct.models.MLModel(str(self.path), compute_units=units)
+        except Exception as exc:  # coremltools raises bare Exceptions from Core ML
+            raise BackendError(f"{self.path.name}: Core ML could not load it ({exc})") from None
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = check_inputs(self.path, self.inputs, inputs)
+        try:
+            out = self._model.predict(arrays)
+        except Exception as exc:
+            raise BackendError(f"{self.path.name}: Core ML prediction failed ({exc})") from None
+        return {name: np.asarray(out[name], dtype=np.float32) for name in self.outputs}
