@@ -136,19 +136,26 @@ class PlatformLibm:
 
 
 def _fma32(a, b, c) -> np.ndarray:
-    """Fused float32 a*b + c, rounded once. a*b is exact in float64 (48 bits), but rounding the
-    float64 sum to nearest and then to float32 can round twice the wrong way. So the sum is
-    rounded to odd instead (error-free TwoSum; an inexact result with an even last bit moves
-    one ulp toward the true value), after which rounding to float32 is correct (53 >= 24 + 2)."""
-    p = np.multiply(a, b, dtype=F64)
-    c = np.asarray(c, dtype=F64)
-    s = p + c
-    bv = s - p
-    err = (p - (s - bv)) + (c - bv)
+    """Fused float32 a*b + c, rounded once. a*b is exact in float64 (48 bits); the float64 sum
+    rounds once more, and rounding that to float32 gives the fused result except where the sum
+    landed exactly on a float32 rounding midpoint (low 29 bits 1000...0) while inexact: only there
+    is the sum rounded to odd instead (error-free TwoSum gives the side of the true value)."""
+    shape = np.broadcast_shapes(np.shape(a), np.shape(b), np.shape(c))
+    p = np.atleast_1d(np.multiply(a, b, dtype=F64))
+    s = np.atleast_1d(np.add(p, c, dtype=F64))  # one float64 rounding
     bits = s.view(np.int64)
-    nudge = (err != 0) & ((bits & 1) == 0)
-    bits = bits + np.where(nudge, np.where((err > 0) == (s > 0), 1, -1), 0)
-    return bits.view(F64).astype(F32)
+    tie = (bits & 0x1FFFFFFF) == 0x10000000
+    if tie.any():  # rare: fix just these elements
+        c64 = np.broadcast_to(np.asarray(c, dtype=F64), s.shape)
+        p = np.broadcast_to(p, s.shape)
+        idx = np.nonzero(tie)
+        ps, cs, ss = p[idx], c64[idx], s[idx]
+        bv = ss - ps
+        err = (ps - (ss - bv)) + (cs - bv)
+        nudge = np.where(err == 0, 0, np.where((err > 0) == (ss > 0), 1, -1))
+        bits = bits.copy()
+        bits[idx] += nudge
+    return bits.view(F64).astype(F32).reshape(shape)
 
 
 def _log_avx2(x: np.ndarray) -> np.ndarray:

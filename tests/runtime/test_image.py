@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from coreml_sd.runtime import image as img
+from coreml_sd.runtime.image import Parameters, from_pil, read_parameters, save_png, slug, to_pil
+
+PARAMS = Parameters("a cat, sitting", "blurry", 20, "euler-a", 7.5, 42, 512, 768, "sd15", strength=0.6)
+
+
+def test_infotext_layout_other_tools_parse():
+    text = PARAMS.infotext()
+    lines = text.splitlines()
+    assert lines[:2] == ["a cat, sitting", "Negative prompt: blurry"]
+    assert lines[2].startswith("Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 42, Size: 512x768, Model: sd15, ")
+    assert "Denoising strength: 0.6" in lines[2]
+    # A value with a comma is quoted so the key-value line still splits.
+    quoted = Parameters("p", "", 1, "ddim", 1.0, 1, 8, 8, "org/model, v2").infotext()
+    assert 'Model: "org/model, v2"' in quoted and "Negative prompt" not in quoted
+
+
+def test_to_pil_rounds_like_diffusers():
+    from diffusers.image_processor import VaeImageProcessor
+
+    x = np.random.default_rng(0).uniform(-1.2, 1.2, (2, 3, 16, 8)).astype(np.float32)
+    ours = [np.asarray(i) for i in to_pil(x)]
+    theirs = [np.asarray(i) for i in VaeImageProcessor().postprocess(torch.from_numpy(x), output_type="pil")]
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_from_pil_range_and_resize():
+    image = Image.fromarray(np.array([[[0, 255, 128]] * 4] * 2, np.uint8))  # 4 wide, 2 high
+    x = from_pil(image, (2, 4))
+    assert x.shape == (1, 3, 2, 4) and x.dtype == np.float32
+    assert x[0, 0].min() == -1.0 and x[0, 1].max() == 1.0
+    assert from_pil(image, (8, 16)).shape == (1, 3, 8, 16)
+
+
+def test_slug():
+    assert slug("A Photo of a CAT!") == "a-photo-of-a-cat"
+    assert slug("   ") == "image"
+    assert len(slug("word " * 50)) <= 60
+
+
+def test_save_never_overwrites(tmp_path):
+    existing = tmp_path / "a-cat-sitting-42.png"
+    existing.write_bytes(b"keep me")
+    first = save_png(Image.new("RGB", (4, 4), "red"), PARAMS, tmp_path)
+    second = save_png(Image.new("RGB", (4, 4), "blue"), PARAMS, tmp_path)
+    assert existing.read_bytes() == b"keep me"
+    assert first.name == "a-cat-sitting-42-2.png" and second.name == "a-cat-sitting-42-3.png"
+    assert read_parameters(first) == PARAMS.infotext()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_save_without_hard_links(tmp_path, monkeypatch):
+    """File systems without hard links fall back to an exclusive create: still never overwriting."""
+
+    def no_links(src, dst):
+        raise PermissionError("links not supported")
+
+    monkeypatch.setattr(img.os, "link", no_links)
+    (tmp_path / "a-cat-sitting-42.png").write_bytes(b"keep me")
+    path = save_png(Image.new("RGB", (4, 4)), PARAMS, tmp_path)
+    assert path.name == "a-cat-sitting-42-2.png" and Image.open(path).size == (4, 4)
+    assert (tmp_path / "a-cat-sitting-42.png").read_bytes() == b"keep me"
+
+
+def test_batch_files_are_numbered(tmp_path):
+    names = [save_png(Image.new("RGB", (2, 2)), Parameters("x", "", 1, "ddim", 7.5, 9, 2, 2, "m", batch_size=2, batch_pos=i), tmp_path).name
+             for i in range(2)]
+    assert names == ["x-9-1of2.png", "x-9-2of2.png"]
+
+
+def test_verification_cache_still_catches_changes(tmp_path, monkeypatch):
+    from coreml_sd.runtime.bundle import BundleError, hash_tree, verify_cached
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "b").mkdir()
+    f = tmp_path / "b" / "w.bin"
+    f.write_bytes(b"x" * 1000)
+    files = hash_tree(tmp_path / "b", "w.bin")
+    verify_cached(tmp_path / "b", files)
+    assert list((tmp_path / "cache").rglob("*.json"))  # remembered
+    f.write_bytes(b"y" * 1000)
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        verify_cached(tmp_path / "b", files)
