@@ -1,0 +1,112 @@
+"""The machine probe and the energy sampler's parsing, on recorded outputs of the system commands
+(formats as macOS prints them: sw_vers, sysctl, system_profiler -json, ioreg, pmset, powermetrics)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from coreml_sd.benchmarks import energy, machine
+
+SW_VERS = "ProductName:\t\tmacOS\nProductVersion:\t\t14.5\nBuildVersion:\t\t23F79\n"
+SYSTEM_PROFILER = json.dumps({"SPDisplaysDataType": [{"_name": "Apple M2 Pro", "sppci_cores": "19", "sppci_model": "Apple M2 Pro"}]})
+IOREG = '+-o AGXAcceleratorG14X  <class AGXAcceleratorG14X, id 0x1000003a4>\n    {\n      "gpu-core-count" = 19\n      "model" = "Apple M2 Pro"\n    }\n'
+PMSET_BATT_AC = "Now drawing from 'AC Power'\n -InternalBattery-0 (id=12345)\t100%; charged; 0:00 remaining present: true\n"
+PMSET_BATT_BATTERY = "Now drawing from 'Battery Power'\n -InternalBattery-0 (id=12345)\t72%; discharging; 3:15 remaining present: true\n"
+THERM_NOMINAL = (
+    "Note: No thermal warning level has been recorded\nNote: No performance warning level has been recorded\n"
+    "2026-08-20 05:08:37 -0700 CPU Power notify\n\tCPU_Scheduler_Limit \t= 100\n\tCPU_Available_CPUs \t= 12\n\tCPU_Speed_Limit \t= 100\n"
+)
+THERM_NOTES_ONLY = "Note: No thermal warning level has been recorded\nNote: No performance warning level has been recorded\n"
+THERM_THROTTLED = "2026-08-20 05:08:37 -0700 CPU Power notify\n\tCPU_Scheduler_Limit \t= 100\n\tCPU_Available_CPUs \t= 12\n\tCPU_Speed_Limit \t= 65\n"
+POWERMETRICS = (
+    "Machine model: Mac14,10\nOS version: 23F79\n\n"
+    "*** Sampled system activity (Tue Nov 25 10:00:00 2026 +0100) (100.27ms elapsed) ***\n\n"
+    "**** Processor usage ****\n\nE-Cluster Power: 396 mW\nCPU Power: 1250 mW\nGPU Power: 750 mW\nANE Power: 80 mW\n"
+    "Combined Power (CPU + GPU + ANE): 2080 mW\n\n"
+    "*** Sampled system activity (Tue Nov 25 10:00:00 2026 +0100) (200.00ms elapsed) ***\n\n"
+    "CPU Power: 2.5 W\nGPU Power: 0 mW\nANE Power: 4500 mW\n"
+)
+
+
+def fake_run(outputs):
+    def run(*cmd, timeout=10.0):
+        return outputs.get(cmd)
+
+    return run
+
+
+def test_probe_macos_on_recorded_outputs():
+    info = machine.probe_macos(fake_run({
+        ("sw_vers",): SW_VERS,
+        ("sysctl", "-n", "machdep.cpu.brand_string"): "Apple M2 Pro\n",
+        ("sysctl", "-n", "hw.perflevel0.physicalcpu"): "8\n",
+        ("sysctl", "-n", "hw.perflevel1.physicalcpu"): "4\n",
+        ("sysctl", "-n", "hw.physicalcpu"): "12\n",
+        ("sysctl", "-n", "hw.memsize"): "34359738368\n",
+        ("system_profiler", "-json", "SPDisplaysDataType"): SYSTEM_PROFILER,
+        ("ioreg", "-rc", "AGXAccelerator"): IOREG,
+        ("pmset", "-g", "batt"): PMSET_BATT_BATTERY,
+        ("pmset", "-g", "therm"): THERM_NOMINAL,
+    }))
+    assert info == {
+        "os": "macOS", "os_version": "14.5", "os_build": "23F79", "chip": "Apple M2 Pro",
+        "performance_cores": 8, "efficiency_cores": 4, "cpu_cores": 12, "gpu_cores": 19,
+        "memory_bytes": 34359738368, "power_source": "Battery", "thermal_state": "nominal",
+    }
+
+
+def test_probe_macos_leaves_unknowns_empty():
+    info = machine.probe_macos(fake_run({("sw_vers",): SW_VERS}))
+    assert info["os_version"] == "14.5"
+    assert all(info[k] is None for k in ("chip", "performance_cores", "gpu_cores", "memory_bytes", "power_source", "thermal_state"))
+
+
+def test_gpu_cores_from_ioreg_when_system_profiler_has_none():
+    assert machine.parse_gpu_cores('{"SPDisplaysDataType": [{"_name": "x"}]}', IOREG) == 19
+    assert machine.parse_gpu_cores(None, None) is None
+
+
+@pytest.mark.parametrize(("text", "state"), [(THERM_NOMINAL, "nominal"), (THERM_NOTES_ONLY, "nominal"),
+                                             (THERM_THROTTLED, "CPU speed limited to 65%"), ("", None)])
+def test_thermal_state(text, state):
+    assert machine.parse_thermal_state(text) == state
+
+
+def test_power_source():
+    assert machine.parse_power_source(PMSET_BATT_AC) == "AC"
+    assert machine.parse_power_source(PMSET_BATT_BATTERY) == "Battery"
+    assert machine.parse_power_source("No batteries\n") is None
+
+
+def test_linux_parsers():
+    cpuinfo = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz\n"
+    assert machine.parse_cpuinfo(cpuinfo) == "Intel(R) Xeon(R) CPU @ 2.20GHz"
+    assert machine.parse_meminfo("MemTotal:       24683656 kB\nMemFree: 1 kB\n") == 24683656 * 1024
+    info = machine.probe()
+    assert info["os"] in ("Linux", "macOS") and info["arch"]
+
+
+def test_powermetrics_samples_and_energy():
+    samples = energy.parse_samples(POWERMETRICS)
+    assert samples == [(0.10027, {"cpu": 1.25, "gpu": 0.75, "ane": 0.08}), (0.2, {"cpu": 2.5, "gpu": 0.0, "ane": 4.5})]
+    timed = [energy.Sample(end=10.1, seconds=0.1, watts={"cpu": 1.0, "gpu": 0.0, "ane": 2.0}),
+             energy.Sample(end=10.3, seconds=0.2, watts={"cpu": 3.0, "gpu": 1.0, "ane": 0.0})]
+    # Window [10.05, 10.2]: half of the first sample, half of the second.
+    j = energy.joules(timed, [(10.05, 10.2)])
+    assert j["cpu"] == pytest.approx(0.05 * 1.0 + 0.1 * 3.0)
+    assert j["ane"] == pytest.approx(0.05 * 2.0)
+    assert j["gpu"] == pytest.approx(0.1)
+    assert energy.joules(timed, []) == {"cpu": 0.0, "gpu": 0.0, "ane": 0.0}
+
+
+def test_energy_unavailable_says_why():
+    reason = energy.available()
+    import os
+    import sys
+
+    if sys.platform != "darwin":
+        assert reason == "powermetrics exists on macOS only"
+    elif os.geteuid() != 0:
+        assert "sudo" in reason
