@@ -44,6 +44,7 @@ __all__ = [
     "tiny_unet_config",
     "tiny_vae",
     "tiny_vae_config",
+    "write_pipeline",
 ]
 
 FAMILIES = ("sd1", "sd2")
@@ -304,22 +305,16 @@ def _save_text_encoder(text_encoder, out_dir: Path) -> None:
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
 
 
-def build_tiny_pipeline(
-    out_dir: str | Path, family: str = "sd1", seed: int = 0, sample_size: int = 8
-) -> Path:
-    """Write a tiny ``StableDiffusionPipeline`` folder to ``out_dir``; return its path.
-
-    The folder loads offline with ``diffusers.StableDiffusionPipeline.from_pretrained(out_dir)``.
-    ``sample_size`` is the latent side; images are ``8 * sample_size`` pixels wide. The same
-    ``seed`` writes byte-identical weight files.
-    """
+def write_pipeline(out_dir: str | Path, family: str, unet, vae, text_encoder) -> Path:
+    """Write a ``StableDiffusionPipeline`` folder from modules, with the family's real tokenizer
+    files, scheduler config and ``model_index.json``; return its path."""
     _check_family(family)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    tiny_unet(family, sample_size, seed).save_pretrained(out_dir / "unet", safe_serialization=True)
-    tiny_vae(family, sample_size, seed).save_pretrained(out_dir / "vae", safe_serialization=True)
-    _save_text_encoder(tiny_text_encoder(family, seed), out_dir / "text_encoder")
+    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+    vae.save_pretrained(out_dir / "vae", safe_serialization=True)
+    _save_text_encoder(text_encoder, out_dir / "text_encoder")
 
     write_clip_vocab(out_dir / "tokenizer")
     tokenizer = tiny_tokenizer_config(family)
@@ -330,3 +325,16 @@ def build_tiny_pipeline(
     _write_json(out_dir / "scheduler" / "scheduler_config.json", tiny_scheduler_config(family))
     _write_json(out_dir / "model_index.json", tiny_model_index(family))
     return out_dir
+
+
+def build_tiny_pipeline(
+    out_dir: str | Path, family: str = "sd1", seed: int = 0, sample_size: int = 8
+) -> Path:
+    """Write a tiny ``StableDiffusionPipeline`` folder to ``out_dir``; return its path.
+
+    The folder loads offline with ``diffusers.StableDiffusionPipeline.from_pretrained(out_dir)``.
+    ``sample_size`` is the latent side; images are ``8 * sample_size`` pixels wide. The same
+    ``seed`` writes byte-identical weight files.
+    """
+    return write_pipeline(out_dir, family, tiny_unet(family, sample_size, seed), tiny_vae(family, sample_size, seed),
+                          tiny_text_encoder(family, seed))
