@@ -164,9 +164,11 @@ def bundle_info(path: str) -> dict[str, Any]:
 
 
 def software() -> dict[str, str]:
-    import coremltools
+    # The installed distribution's version: importing coremltools here would only print its
+    # platform warnings into the user's terminal.
+    from importlib.metadata import version
 
-    return {"coreml-sd": __version__, "coremltools": coremltools.__version__, "numpy": np.__version__,
+    return {"coreml-sd": __version__, "coremltools": version("coremltools"), "numpy": np.__version__,
             "python": platform.python_version()}
 
 

@@ -4,7 +4,7 @@ wrapped for the Neural Engine and converted to a float16 ML program.
     python benchmarks/convert_unet.py [--attention split-einsum] [--keep DIR]
 
 Prints wall time per stage (build, wrap, trace, convert, save) and the process's peak resident
-memory, and writes them as JSON to benchmarks/results/convert_unet_sd15.json. Goal: fits a
+memory, and writes them as JSON to benchmarks/results/project/convert_unet_sd15.json. Goal: fits a
 16 GB Mac, i.e. peak RSS well below 16 GiB.
 """
 
@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attention", default="split-einsum")
     parser.add_argument("--keep", type=Path, help="save the package here instead of a temporary folder")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "convert_unet_sd15.json")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "project" / "convert_unet_sd15.json")
     args = parser.parse_args()
 
     stages: dict[str, float] = {}

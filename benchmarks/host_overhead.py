@@ -8,7 +8,7 @@ its own timings separate model-call time from the rest. Goal: under 2 ms per ste
 milliseconds and as a share of the step as measured here (the mil backend on this machine; on a
 Mac the UNet call is faster, so the share there is larger, the milliseconds the same). euler-a
 and lcm draw noise every step: shown with the torch-compatible generator and with numpy's.
-Writes benchmarks/results/host_overhead.json.
+Writes benchmarks/results/project/host_overhead.json.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from coreml_sd.runtime.schedulers import SCHEDULER_NAMES
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "host_overhead.json")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "project" / "host_overhead.json")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

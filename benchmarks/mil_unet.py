@@ -7,7 +7,7 @@ eager on the same inputs, in one process.
 Without --package the UNet is converted first, in a child process (benchmarks/convert_unet.py),
 so the peak memory reported here is that of running, not converting. Prints seconds per call
 for both, their ratio (goal: <= 1.5), agreement (PSNR) and peak resident memory (goal: < 25 GiB);
-writes benchmarks/results/mil_unet_sd15.json.
+writes benchmarks/results/project/mil_unet_sd15.json.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--package", type=Path, help="an already converted SD 1.5 UNet (seed 0)")
     parser.add_argument("--runs", type=int, default=2, help="timed calls of each (after one warm-up of each)")
-    parser.add_argument("--json", type=Path, default=HERE / "results" / "mil_unet_sd15.json")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "project" / "mil_unet_sd15.json")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -97,7 +97,7 @@ def build_report(records: list[tuple[Path, dict]], invalid: list[str]) -> tuple[
                 unet = res["unet_ms_per_step"]
                 lines.append(
                     f"| {star} | {r['units']} | {r['backend']} | {r['attention']} | {r['model']} | {r['size']} | {e2e} | "
-                    f"{res['iterations_per_second']:.2f} | {unet['median']:.1f} ({unet['iqr']:.1f}) | "
+                    f"{res['iterations_per_second']:.3g} | {unet['median']:.1f} ({unet['iqr']:.1f}) | "
                     f"{res['load_cold_s']:.1f} / {res['load_warm_s']:.1f} | {res['peak_rss_bytes'] / 2**30:.1f} | "
                     f"{_energy(res.get('energy'))} | {r['file']} |"
                 )
