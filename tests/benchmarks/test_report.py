@@ -86,3 +86,19 @@ def test_report_with_no_valid_file_fails(tmp_path):
 def test_build_report_directly(tmp_path):
     records, invalid = load_records([tmp_path / "missing.json"])
     assert records == [] and "missing.json: cannot read" in invalid[0]
+
+
+def test_every_committed_record_is_valid_and_reported():
+    """benchmarks/results/*.json are records made by `coreml-sd bench` (the project's and
+    contributed ones): each must read against the schema and make it into the report."""
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    paths = sorted(results.glob("*.json"))
+    assert paths, f"no record in {results}"
+    records, invalid = load_records(paths)
+    assert invalid == []
+    text, rows = build_report(records, invalid)
+    assert {row["file"] for row in rows} == {p.name for p in paths}
+    for _, record in records:
+        assert any(r["status"] == "ok" for r in record["results"])
