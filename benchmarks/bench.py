@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..runtime.backends import COMPUTE_UNITS, default_backend
+from ..runtime.backends import COMPUTE_UNITS, default_backend, require
 from ..runtime.bundle import open_bundle
 from . import energy, machine
 from .schema import SCHEMA_VERSION
@@ -138,7 +139,8 @@ def _child(args: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
         if code < 0:
             reason = f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
         else:
-            reason = tail[-1] if tail else f"exit status {code}"
+            # The child's last line is the exception ("pkg.module.SomeError: message"): keep the message.
+            reason = re.sub(r"^[\w.]*(Error|Exception): ", "", tail[-1]) if tail else f"exit status {code}"
         log(f"[{args['backend']} {args['compute_units']}] failed: {reason}")
         return {"compute_units": args["compute_units"], "backend": args["backend"], "status": "failed", "error": reason}
 
@@ -177,6 +179,7 @@ def run_bench(bundle: str, compute_units: list[str], backend: str, steps: int, r
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every configuration asked for and return the record."""
     backend = default_backend() if backend == "auto" else backend
+    require(backend)  # a backend this system lacks is the user's error, not a failed measurement
     if backend == "mil":
         compute_units = ["CPU_ONLY"]  # the mil backend computes on the CPU, whatever is asked
     why_not = energy.available()

@@ -124,6 +124,17 @@ def default_backend() -> str:
     return "coreml" if sys.platform == "darwin" else "mil"
 
 
+def require(backend: str) -> None:
+    """Raise ``BackendError`` (what to do instead) when ``backend`` cannot run on this system."""
+    if backend == "coreml" and sys.platform != "darwin":
+        raise BackendError("the coreml backend needs macOS (Core ML); use --backend mil on this system")
+    if backend == "mil":
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise BackendError("the mil backend needs torch: pip install 'coreml-sd[convert]'")
+
+
 class ChainedModel:
     """A model split in chunks (Apple's ``UnetChunk1``/``UnetChunk2``): each chunk reads the
     original inputs and the previous chunks' outputs by name, as the Swift package chains them."""
@@ -164,6 +175,7 @@ def load_model(
     if not path.exists():
         raise BackendError(f"{path}: no such model")
     if backend == "mil":
+        require("mil")
         from .mil import MILModel
 
         return MILModel(path, precision=precision)

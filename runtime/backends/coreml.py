@@ -7,18 +7,16 @@ A compiled ``.mlmodelc`` loads without the compile step a ``.mlpackage`` needs o
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from . import COMPUTE_UNITS, BackendError, check_inputs, describe_model
+from . import COMPUTE_UNITS, BackendError, check_inputs, describe_model, require
 
 
 class CoreMLModel:
     def __init__(self, path: Path, compute_units: str = "CPU_AND_NE"):
-        if sys.platform != "darwin":
-            raise BackendError("the coreml backend needs macOS (Core ML); use --backend mil on this system")
+        require("coreml")
         if compute_units not in COMPUTE_UNITS:
             raise BackendError(f"unknown compute units {compute_units!r}: use one of {', '.join(COMPUTE_UNITS)}")
         import coremltools as ct

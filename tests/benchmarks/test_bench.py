@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -60,25 +61,36 @@ def test_never_overwrites_a_record(record, tiny_bundle):
 
 
 def test_a_failing_configuration_is_recorded_and_the_others_run(tiny_bundle, monkeypatch):
-    """One configuration fails (here: Core ML cannot run off macOS, in a real child process); the
-    others are still measured and the failure is recorded with its reason."""
+    """One configuration fails (a real child process, given a bundle that has gone missing);
+    the others are still measured and the failure is recorded with its reason."""
     calls = []
     real = bench_mod._child
 
     def child(args, log):
         calls.append(args["compute_units"])
         if args["compute_units"] == "CPU_AND_NE":
-            return real({**args, "backend": "coreml"} if __import__("sys").platform != "darwin" else {**args, "bundle": "/nonexistent"}, log)
+            return real({**args, "bundle": "/nonexistent/bundle"}, log)
         return {"compute_units": args["compute_units"], "backend": args["backend"], "status": "ok", "stub": True}
 
     monkeypatch.setattr(bench_mod, "_child", child)
+    monkeypatch.setattr(bench_mod, "require", lambda backend: None)  # three units even off macOS
+    logged = []
     data = bench_mod.run_bench(str(tiny_bundle("sd1", "split-einsum")), ["CPU_ONLY", "CPU_AND_NE", "ALL"], "coreml",
-                               1, 1, 0, log=lambda line: None)
+                               1, 1, 0, log=logged.append)
     assert calls == ["CPU_ONLY", "CPU_AND_NE", "ALL"]
-    failed = data["results"][1]
-    assert failed["status"] == "failed" and failed["error"]
-    assert "macOS" in failed["error"] or "nonexistent" in failed["error"]
     assert [r["status"] for r in data["results"]] == ["ok", "failed", "ok"]
+    failed = data["results"][1]
+    assert failed["error"] == "/nonexistent/bundle: no such bundle directory; convert one with 'coreml-sd convert'"
+    assert any(line.startswith("[coreml CPU_AND_NE] failed: /nonexistent") for line in logged)
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Core ML is there on macOS")
+def test_a_backend_this_system_lacks_is_refused_before_measuring(tiny_bundle, tmp_path):
+    out = tmp_path / "x.json"
+    result = CliRunner().invoke(main, ["bench", "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--backend", "coreml",
+                                       "-o", str(out)])
+    assert result.exit_code == 1 and "needs macOS" in result.output and "Traceback" not in result.output
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("change", "problem"), [
