@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import transformers
 
 from coreml_sd.convert import clip_vocab
 from coreml_sd.runtime import tokenizer as rt
@@ -50,7 +51,6 @@ _REFERENCES: dict[tuple[Path, str], object] = {}
 @pytest.fixture(scope="module")
 def reference(clip_vocab_dir: Path, pad_token: str):
     """``transformers.CLIPTokenizer`` from the same files, loaded once per pad token (~0.5 s)."""
-    transformers = pytest.importorskip("transformers")
     key = (clip_vocab_dir, pad_token)
     if key not in _REFERENCES:
         _REFERENCES[key] = transformers.CLIPTokenizer.from_pretrained(
@@ -157,7 +157,6 @@ def test_read_merges_rejects_short_file(tmp_path: Path) -> None:
 def test_vocab_round_trips_through_transformers(
     clip_vocab_dir: Path, vocab: dict[str, int]
 ) -> None:
-    transformers = pytest.importorskip("transformers")
     ref = transformers.CLIPTokenizer.from_pretrained(clip_vocab_dir)
     assert ref.get_vocab() == vocab
     assert ref("a photo of a cat").input_ids == [BOS, 320, 1125, 539, 320, 2368, EOS]
@@ -324,6 +323,15 @@ def test_truncation_boundary(files: tuple[Path, Path]) -> None:
     one_over = tok.tokenize(_words_prompt(75) + " zebra")
     assert one_over.ids == exact.ids
     assert one_over.truncated == "zebra"
+
+
+@pytest.mark.parametrize("alphabet", ["abcdefghijklmnopqrstuvwxyz", "a", "ab", "!?"])
+def test_very_long_single_word_matches_reference(ours: CLIPTokenizer, reference, alphabet: str) -> None:
+    """One 20,000-character word: all of it goes through BPE (the truncated text reports it all)
+    and gives the reference's ids; runs of one letter exercise chains of equal-rank pairs."""
+    word = "".join(random.Random(len(alphabet)).choices(alphabet, k=20_000))
+    assert ours.prompt_ids(word) == reference(word).input_ids[1:-1]
+    assert ours.tokenize(word) == reference_tokens(reference, word)
 
 
 def test_truncation_inside_emoji_matches_reference(ours: CLIPTokenizer, reference) -> None:
