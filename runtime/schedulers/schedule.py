@@ -4,7 +4,16 @@ and the sigma-space helpers (Karras / exponential / log-lambda spacings, sigma -
 Everything here runs once per `from_config` or `set_timesteps`, never per step. The training
 schedule is built in float32 the way the torch reference builds it (same linspace arithmetic,
 cumulative product accumulated in float64 and rounded once), so our `alphas_cumprod` is
-bit-identical to the reference and parity is limited by the per-step arithmetic only.
+bit-identical to the reference's.
+
+Square roots (sigmas, sqrt(alpha-bar), ...) are numpy's, IEEE correctly rounded. torch's Linux
+x86-64 wheels take float sqrt and `x ** 0.5` from MKL's vector math, which is not: about one value
+in five is an ulp away (190 of SD's 1000 training sigmas). Runs that cancel magnify that ulp (a
+zero-SNR first step from sigma 4096, Euler-ancestral's sigma_down at 2 steps, a one-step PNDM
+transfer from alpha-bar 4e-5) up to 2e-4 relative there; with a correctly rounded sqrt on the
+torch side every case of the parity sweep agrees within 6e-6 (tests/runtime/test_schedulers.py).
+Mirroring MKL is not an option: its rounding is undocumented and varies with the CPU, and torch
+does not use it on Apple silicon.
 """
 
 from __future__ import annotations

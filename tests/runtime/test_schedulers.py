@@ -5,14 +5,20 @@ stand-in for the UNet (a fixed nonlinear function of the scaled sample and t, co
 for both sides so only the schedulers differ), and compares timesteps, init_noise_sigma and the
 final latents (max |ours - theirs| / max |theirs| < 1e-5, float32). Noise-injecting schedulers get
 `torch.Generator().manual_seed(s)` on the reference side and `TorchRandom(s)` on ours.
+
+The few cases beyond 1e-5 are named in `SQRT_EXCEPTIONS`, each with its measured error and why:
+torch's own float32 square root on this platform, not our arithmetic. Each of them is also run
+against the reference with a correctly rounded sqrt, where it must agree within 1e-5.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import subprocess
 import sys
+from typing import NamedTuple
 
 import diffusers
 import numpy as np
@@ -85,6 +91,9 @@ SWEEP = {
     "clip": {**SD15, "clip_sample": True, "clip_sample_range": 1.5},
     "prk": {**SD15, "skip_prk_steps": False},
     "zero-snr-v": {**SD21, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    # DDPM's linear betas end lower (alpha-bar 4e-5 at t=999): a one-step trailing run cancels hard.
+    "linear-v-trailing": {**SD21, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02,
+                          "timestep_spacing": "trailing"},
 }
 
 # Algorithm-specific fields, run with the config's own class (name=None).
@@ -193,7 +202,7 @@ def denoise(side, x, timesteps) -> np.ndarray:
 
 
 def run_pair(config: dict, name: str | None, steps: int, strength: float | None = None, seed: int = 0):
-    """Run both sides; return (ours, theirs, start) latents after checking the schedule matches."""
+    """Run both sides; return their final latents (ours, theirs) after checking the schedules match."""
     ours, theirs = from_config(config, name), reference(config, name)
     ours.set_timesteps(steps)
     theirs.set_timesteps(steps)
@@ -222,7 +231,7 @@ def run_pair(config: dict, name: str | None, steps: int, strength: float | None 
         np.testing.assert_allclose(x_ours, x_theirs.numpy(), rtol=1e-6, atol=1e-6)
     out_ours = denoise(_Ours(ours, seed + 1), x_ours, ours.timesteps[start:])
     out_theirs = denoise(_Theirs(theirs, seed + 1), x_theirs, theirs.timesteps[start:])
-    return out_ours, out_theirs, x_theirs.numpy()
+    return out_ours, out_theirs
 
 
 def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
@@ -231,13 +240,96 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def check_parity(ours: np.ndarray, theirs: np.ndarray, x_start: np.ndarray) -> None:
-    """max|ours - theirs| / max|theirs| < 1e-5, unless the run shrinks its start so much that
-    float32 cannot define the result that finely: when |result| << |start| (zero-terminal-SNR
-    schedules start at sigma 4096), one rounding of the start, eps32 * max|start|, is already
-    that large relative to the result, and the allowance becomes that bound."""
-    floor = np.finfo(np.float32).eps * float(np.abs(x_start).max()) / float(np.abs(theirs).max())
-    assert relative_error(ours, theirs) < max(RTOL, floor)
+# ---------------------------------------------------------------------------- torch's sqrt
+#
+# torch's x86-64 Linux wheels compute float sqrt and x ** 0.5 with MKL's vector math, which is
+# accurate to about an ulp but not correctly rounded: 190 of the 1000 SD 1.x training sigmas
+# sqrt((1 - a) / a) come out one ulp away from the IEEE result numpy gives (torch's vml.h uses MKL
+# only off Apple; ARM's sqrt instruction is correctly rounded). Where a run cancels, that ulp is
+# magnified past 1e-5: euler-a's sigma_down = sqrt(s_to^2 - s_up^2), a zero-SNR run's first step
+# from sigma 4096 down to ~15, PNDM's single transfer from alpha-bar 4e-5 (x / sqrt(a) ~ 160x).
+
+
+def _torch_sqrt_ulps_off() -> int:
+    """How many of SD's 1000 training sigmas torch's float32 sqrt rounds differently from IEEE."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    ratio = (1 - alphas_cumprod) / alphas_cumprod
+    return int((ratio.sqrt().numpy() != np.sqrt(ratio.numpy())).sum())
+
+
+TORCH_SQRT_ULPS_OFF = _torch_sqrt_ulps_off()
+
+
+class Excess(NamedTuple):
+    """A case beyond RTOL against diffusers on torch's MKL sqrt, measured on Linux x86-64 (torch
+    2.13.0+cpu wheel, AVX-512). `bound` is twice the measured error: another CPU may take another
+    MKL code path. What keeps the case honest is the check against a correctly rounded sqrt."""
+
+    measured: float
+    bound: float
+
+
+# (name or None for the config's own class, config id, steps) -> Excess. Only txt2img runs.
+SQRT_EXCEPTIONS = {
+    # v-prediction Euler-ancestral, 2 steps: sigma_down cancels (s_to^2 - s_up^2).
+    ("euler-a", "sd21", 2): Excess(1.27e-5, 2.6e-5),
+    ("euler-a", "sd2-euler", 2): Excess(1.27e-5, 2.6e-5),
+    # Zero terminal SNR: the run starts at sigma 4096 and its first step cancels almost all of it.
+    ("euler", "zero-snr-v", 2): Excess(2.25e-4, 4.5e-4),
+    ("euler", "zero-snr-v", 4): Excess(6.89e-5, 1.4e-4),
+    (None, "euler-zero-snr", 2): Excess(2.25e-4, 4.5e-4),
+    (None, "euler-zero-snr", 4): Excess(6.89e-5, 1.4e-4),
+    ("euler-a", "zero-snr-v", 2): Excess(1.26e-4, 2.6e-4),
+    ("euler-a", "zero-snr-v", 4): Excess(1.13e-5, 2.3e-5),
+    # One PNDM transfer from t=999 (alpha-bar 4.0e-5): x * sqrt(a_prev / a) minus a near-equal term.
+    ("pndm", "linear-v-trailing", 1): Excess(2.02e-4, 4.1e-4),
+}
+
+
+def _sqrt_f32(x: torch.Tensor) -> torch.Tensor:
+    """IEEE (correctly rounded) square root of a float tensor, through numpy."""
+    return torch.from_numpy(np.asarray(np.sqrt(x.detach().numpy()))).reshape(x.shape)
+
+
+@contextlib.contextmanager
+def correctly_rounded_torch_sqrt():
+    """Within this block torch's `sqrt` and `x ** 0.5` on float32 tensors round like IEEE sqrt.
+    Only for showing that an excess comes from torch's sqrt; never for the parity verdict itself."""
+    power_, sqrt_ = torch.Tensor.__pow__, torch.sqrt
+
+    def power(x, exponent):
+        return _sqrt_f32(x) if exponent == 0.5 and x.dtype == torch.float32 else power_(x, exponent)
+
+    def sqrt(x, *args, **kwargs):
+        return _sqrt_f32(x) if x.dtype == torch.float32 and not args and not kwargs else sqrt_(x, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "__pow__", power)
+        mp.setattr(torch.Tensor, "sqrt", sqrt)
+        mp.setattr(torch, "sqrt", sqrt)
+        yield
+
+
+CONFIGS = {**SWEEP, **NATIVE}
+
+
+def assert_parity(name: str | None, config_id: str, steps: int, strength: float | None = None) -> None:
+    """max|ours - theirs| / max|theirs| < RTOL; for a named exception, < its bound here and
+    < RTOL against the reference with a correctly rounded sqrt."""
+    config = CONFIGS[config_id]
+    ours, theirs = run_pair(config, name, steps, strength)
+    error = relative_error(ours, theirs)
+    excess = SQRT_EXCEPTIONS.get((name, config_id, steps)) if strength is None else None
+    if excess is not None and TORCH_SQRT_ULPS_OFF:
+        assert error < excess.bound
+    elif error >= RTOL:  # say whether torch's sqrt explains it before failing
+        with correctly_rounded_torch_sqrt():
+            exact = relative_error(*run_pair(config, name, steps, strength))
+        pytest.fail(f"relative error {error:.3g} >= {RTOL}; {exact:.3g} against a correctly rounded torch sqrt")
+    if excess is not None:
+        with correctly_rounded_torch_sqrt():
+            assert relative_error(*run_pair(config, name, steps, strength)) < RTOL
 
 
 def _runs(name: str | None, config: dict, steps: int) -> bool:
@@ -275,13 +367,34 @@ SWEEP_CASES = [
 
 @pytest.mark.parametrize(("name", "config_id", "steps"), SWEEP_CASES)
 def test_parity_sweep(name: str, config_id: str, steps: int) -> None:
-    check_parity(*run_pair(SWEEP[config_id], name, steps))
+    assert_parity(name, config_id, steps)
+
+
+def test_torch_sqrt_premise() -> None:
+    """What SQRT_EXCEPTIONS rests on: torch's sqrt is either IEEE or one ulp off, never more, and
+    the correctly rounded stand-in really is IEEE."""
+    x = torch.from_numpy(np.random.default_rng(0).uniform(1e-6, 1e4, 100_000).astype(np.float32))
+    ieee = np.sqrt(x.numpy().astype(np.float64)).astype(np.float32)  # double-rounding-safe for sqrt
+    ulps = np.abs(x.sqrt().numpy().view(np.int32) - ieee.view(np.int32))
+    assert ulps.max() <= 1
+    assert (ulps.sum() > 0) == (TORCH_SQRT_ULPS_OFF > 0)
+    with correctly_rounded_torch_sqrt():
+        np.testing.assert_array_equal(x.sqrt().numpy(), ieee)
+        np.testing.assert_array_equal((x**0.5).numpy(), ieee)
+        np.testing.assert_array_equal(torch.sqrt(x).numpy(), ieee)
+    assert (x.sqrt().numpy() != ieee).sum() == ulps.astype(bool).sum()  # restored afterwards
+
+
+def test_sqrt_exceptions_are_real_cases() -> None:
+    native = {(None, c, n) for c in NATIVE for n in STEPS if _runs(None, NATIVE[c], n)}
+    sweep = {tuple(p.values) for p in SWEEP_CASES}
+    assert set(SQRT_EXCEPTIONS) <= sweep | native
 
 
 @pytest.mark.parametrize(("name", "config_id", "steps"), list(REFERENCE_FAILS))
 def test_where_the_reference_fails_ours_stays_finite(name: str, config_id: str, steps: int) -> None:
     try:
-        _, theirs, _ = run_pair(SWEEP[config_id], name, steps)
+        _, theirs = run_pair(SWEEP[config_id], name, steps)
     except IndexError:
         pass
     else:
@@ -299,7 +412,7 @@ def test_parity_native_fields(config_id: str, steps: int) -> None:
     config = NATIVE[config_id]
     if not _runs(None, config, steps):
         pytest.skip("the reference refuses this step count")
-    check_parity(*run_pair(config, None, steps))
+    assert_parity(None, config_id, steps)
 
 
 @pytest.mark.parametrize("steps", (4, 20, 50))
@@ -307,7 +420,7 @@ def test_parity_native_fields(config_id: str, steps: int) -> None:
 @pytest.mark.parametrize("config_id", ("sd15", "sdxl", "zero-snr-v", "prk"))
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_parity_img2img(name: str, config_id: str, strength: float, steps: int) -> None:
-    check_parity(*run_pair(SWEEP[config_id], name, steps, strength=strength))
+    assert_parity(name, config_id, steps, strength)
 
 
 @pytest.mark.parametrize("name", [n for n in SCHEDULER_NAMES if n not in ("lcm", "dpmpp-2m-karras")])
@@ -317,13 +430,12 @@ def test_trailing_spacing_extra_step(name: str) -> None:
     sched = from_config(SWEEP["trailing"], name)
     sched.set_timesteps(61)
     assert sched.timesteps[-1] == -1
-    check_parity(*run_pair(SWEEP["trailing"], name, 61))
+    assert_parity(name, "trailing", 61)
 
 
 @pytest.mark.parametrize("config_id", ("sd15", "sdxl", "dpm-sde"))
 def test_img2img_native(config_id: str) -> None:
-    config = {**SWEEP, **NATIVE}[config_id]
-    check_parity(*run_pair(config, None, 20, strength=0.6))
+    assert_parity(None, config_id, 20, strength=0.6)
 
 
 def test_batch_of_two_and_float16_output() -> None:
