@@ -281,10 +281,11 @@ class CLIPTokenizer:
 
         The reference's merge loop: a queue of adjacent pairs ordered by (rank, position); the
         lowest-ranked, leftmost pair that is still adjacent merges, and its new neighbours join
-        the queue. Identical to "merge every occurrence of the lowest-ranked pair, left to right,
-        until none is left", in O(n log n) for an n-symbol word instead of O(n^2): a single
-        20,000-letter word, which has to be split in full (``Tokens.truncated`` reports all of
-        it), takes about 0.1 s instead of 10 s.
+        the queue. For a learned merge list (no merge ranks before the merges that build its two
+        halves, true of CLIP's) this equals "merge every occurrence of the lowest-ranked pair,
+        left to right, until none is left", in O(n log n) for an n-symbol word instead of
+        O(n^2): a single 20,000-letter word, which has to be split in full (``Tokens.truncated``
+        reports all of it), takes about 0.1 s instead of 10 s.
         """
         parts = [*symbols[:-1], symbols[-1] + END_OF_WORD]  # parts[i] == "": merged into a left neighbour
         n = len(parts)
