@@ -5,7 +5,9 @@ into place at the end, so the target is never a half bundle. Each finished compo
 in the staging directory with its *recipe* hash (source fingerprint, settings, tool versions) and
 its file hashes; a re-run after an interruption keeps those, and a conversion over an existing
 bundle (``--overwrite``) hard-links the components whose recipe and files still match instead of
-converting them again.
+converting them again. Whatever else the staging directory holds when a run opens it (a package
+saved or compiled by a run that stopped before recording it, a temporary file) is removed: only
+recorded components survive an interruption.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ _PROGRESS = ".components.json"  # staging-only record of finished components
 
 class OutputError(Exception):
     """The output path cannot be written as asked (one-line message)."""
+
+
+def staging_dir(out: Path) -> Path:
+    """Where the bundle for ``out`` is built: a hidden sibling, renamed to ``out`` at the end."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.partial"
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
@@ -52,10 +60,18 @@ def _link_tree(src: Path, dst: Path) -> None:
         link(str(src), str(dst))
 
 
+def _remove(path: Path) -> None:
+    """Delete a file or a directory tree, if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 class BundleWriter:
     def __init__(self, out: Path, overwrite: bool):
         self.out = Path(out).absolute()
-        self.staging = self.out.parent / f".{self.out.name}.partial"
+        self.staging = staging_dir(self.out)
         self.previous: dict[str, Any] | None = None
         if self.out.exists():
             if not overwrite:
@@ -80,6 +96,20 @@ class BundleWriter:
                 self.done = json.loads(record.read_text())
             except ValueError:
                 self.done = {}
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Delete everything in staging that no recorded component owns.
+
+        A run can stop between saving a component and recording it (Ctrl-C while its files are
+        hashed, a failed compile): its package is then on disk but unknown, and would both block
+        the next save of that component and slip into the bundle unlisted if the next run did not
+        ask for it. Files written for the whole bundle (tokenizer, scheduler) are rewritten anyway.
+        """
+        owned = {top for entry in self.done.values() for top in entry.get("paths", [])}
+        for path in self.staging.iterdir():
+            if path.name != _PROGRESS and path.name not in owned:
+                _remove(path)
 
     # ------------------------------------------------------------------ components
 
@@ -108,8 +138,7 @@ class BundleWriter:
     def _drop(self, name: str) -> None:
         entry = self.done.pop(name, None)
         for top in (entry or {}).get("paths", []):
-            path = self.staging / top
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            _remove(self.staging / top)
         self._save()
 
     def record(self, name: str, entry: dict[str, Any], recipe: str, paths: list[str]) -> None:

@@ -181,6 +181,75 @@ def test_interrupted_run_leaves_no_bundle_and_resumes(tiny_sd1_dir, tmp_path, mo
     assert not (tmp_path / ".b.partial").exists()
 
 
+def bundle_is_complete(out: Path, components: set[str]) -> None:
+    """The manifest lists exactly ``components`` and exactly the files on disk, all hashes right."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["components"]) == components
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    assert {rel.split("/")[0] for rel in on_disk if ".ml" in rel} == {f"{c}.mlpackage" for c in components}
+    verify_files(out, manifest["files"])
+
+
+def test_interrupted_between_save_and_record(tiny_sd1_dir, tmp_path, monkeypatch):
+    """Ctrl-C while a saved package is being hashed leaves it in staging, unrecorded; a re-run
+    must replace it (not crash on the rename), and one that does not ask for it must drop it."""
+    from coreml_sd.convert import bundle as bundle_module
+
+    out = tmp_path / "b"
+    real = bundle_module.hash_tree
+
+    def interrupt_on_decoder(root, rel):
+        if rel == "VAEDecoder.mlpackage":
+            raise KeyboardInterrupt
+        return real(root, rel)
+
+    monkeypatch.setattr(bundle_module, "hash_tree", interrupt_on_decoder)
+    args = [str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder"]
+    assert run(*args).exit_code == 130
+    staging = tmp_path / ".b.partial"
+    assert (staging / "VAEDecoder.mlpackage").is_dir()  # saved, never recorded
+    assert "VAEDecoder" not in json.loads((staging / ".components.json").read_text())
+    stale = staging / "VAEDecoder.mlpackage" / "stale-marker"
+    stale.write_text("left by the interrupted run")
+
+    monkeypatch.setattr(bundle_module, "hash_tree", real)
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert "[text-encoder] unchanged: reused from the interrupted run" in result.stderr
+    assert "[vae-decoder] convert done" in result.stderr
+    bundle_is_complete(out, {"TextEncoder", "VAEDecoder"})
+    assert not (out / "VAEDecoder.mlpackage" / "stale-marker").exists()
+    # The re-converted decoder is the one a clean run makes.
+    clean = tmp_path / "clean"
+    assert run(*args[:1], "-o", str(clean), "--components", "vae-decoder").exit_code == 0
+    weights = "VAEDecoder.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
+    assert hash_tree(out, weights) == hash_tree(clean, weights)
+
+
+def test_stale_package_of_an_unrequested_component_is_dropped(tiny_sd1_dir, tmp_path, monkeypatch):
+    """A failed compile leaves the saved package unrecorded; a later run for other components
+    must not carry it into the bundle unlisted."""
+    from coreml_sd.convert import converter
+    from coreml_sd.convert.export import CompileError
+
+    def failing_compile(package, destination):
+        raise CompileError(f"compiling {package.name} failed: simulated")
+
+    real = converter.can_compile, converter.compile_package
+    monkeypatch.setattr(converter, "can_compile", lambda: True)
+    monkeypatch.setattr(converter, "compile_package", failing_compile)
+    out = tmp_path / "b"
+    one_line_error(run(str(tiny_sd1_dir), "-o", str(out), "--components", "vae-decoder", "--compile"), "simulated")
+    assert (tmp_path / ".b.partial" / "VAEDecoder.mlpackage").is_dir()
+
+    monkeypatch.setattr(converter, "can_compile", real[0])
+    monkeypatch.setattr(converter, "compile_package", real[1])
+    result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder")
+    assert result.exit_code == 0, result.output
+    bundle_is_complete(out, {"TextEncoder"})
+
+
 def test_overwrite_reuses_matching_components(tiny_sd1_dir, tmp_path):
     out = tmp_path / "b"
     args = [str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder"]
