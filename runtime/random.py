@@ -22,7 +22,8 @@ The block transform has two builds, hence ``variant``:
 
 * ``"avx2"``: x86-64 with AVX2 + FMA, also on AVX-512 CPUs (torch registers no AVX-512 normal
   kernel and falls back to AVX2). Float32 Cephes-style ``log256_ps``/``sincos256_ps`` polynomials
-  (avx_mathfun.h), compiled by GCC with 20 mul+add pairs contracted to FMA; emulated exactly.
+  (avx_mathfun.h), compiled by GCC with 20 mul+add pairs contracted to FMA; emulated exactly by
+  ``Avx2Kernel`` in float64 work arrays (0.26 ms for (1, 4, 64, 64) here, torch 0.04 ms).
 * ``"scalar"``: every other build (Apple Silicon, ``ATEN_CPU_CAPABILITY=default``): float32
   ``logf`` and ``sincosf`` (the compiler merges sin and cos) from the platform libm, with
   t = float(double(2 pi) * u2), no FMA contraction. By default we call the very same functions
@@ -50,6 +51,9 @@ import numpy as np
 
 F32, F64 = np.float32, np.float64
 VARIANTS = ("auto", "avx2", "scalar")
+# Box-Muller rows per pass of the AVX2 kernel: 64 KB per float64 work array (0.8 MB in all), so
+# they stay in cache; a (1, 4, 64, 64) draw is one pass.
+_ROWS = 1024
 
 
 def _c(bits: int) -> np.float32:
@@ -135,80 +139,187 @@ class PlatformLibm:
         return out[..., 0], out[..., 1]
 
 
+# The AVX2 kernel emulated in float64 arrays that hold float32 values. A float32 product is exact
+# in float64 (48 bits), and a float32 +, - or * done in float64 and then rounded to float32 gives
+# the float32 result (double rounding is innocuous when 53 >= 2 * 24 + 2). A fused multiply-add is
+# one float64 add of the exact product, then rounding to float32: right unless the float64 sum was
+# inexact and landed exactly on a float32 rounding midpoint, where the second rounding can go the
+# wrong way. `_fma_checked` repairs that case. The kernels use `fma_into`, which does not look:
+# their inputs are the 2**24 possible uniforms, and over all of them no fused step of either
+# kernel meets that case (tests/runtime/test_random.py checks every one).
+
+
+def _sum_and_error(a, b, c) -> tuple[np.ndarray, np.ndarray]:
+    """s = float64(a*b + c) and the exact error a*b + c - s (error-free TwoSum; a*b is exact)."""
+    p = np.multiply(a, b)
+    s = p + c
+    v = s - p
+    return s, (p - (s - v)) + (c - v)
+
+
+def double_rounding_hazards(a, b, c) -> np.ndarray:
+    """Mask of elements where float64(a*b + c) lies exactly on a float32 rounding midpoint (low
+    29 bits 1000...0) although a*b + c itself does not: where `fma_into` could round wrongly."""
+    a, b, c = np.broadcast_arrays(a, b, c)
+    s = np.multiply(a, b)
+    s += c
+    hazard = (s.view(np.int64) & 0x1FFFFFFF) == 0x10000000
+    idx = np.nonzero(hazard)  # few: check just these
+    _, err = _sum_and_error(a[idx], b[idx], c[idx])
+    hazard[idx] = err != 0
+    return hazard
+
+
+def _fma_checked(a, b, c) -> np.ndarray:
+    """Fused float32 a*b + c for any float32 values held in float64, as float64: at a hazard the
+    float64 sum moves one float64 ulp towards the true value, so that rounding goes the right way."""
+    s, err = _sum_and_error(a, b, c)
+    hazard = ((s.view(np.int64) & 0x1FFFFFFF) == 0x10000000) & (err != 0)
+    if hazard.any():
+        s.view(np.int64)[hazard] += np.where((err[hazard] > 0) == (s[hazard] > 0), 1, -1)
+    return s.astype(F32).astype(F64)
+
+
 def _fma32(a, b, c) -> np.ndarray:
-    """Fused float32 a*b + c, rounded once. a*b is exact in float64 (48 bits); the float64 sum
-    rounds once more, and rounding that to float32 gives the fused result except where the sum
-    landed exactly on a float32 rounding midpoint (low 29 bits 1000...0) while inexact: only there
-    is the sum rounded to odd instead (error-free TwoSum gives the side of the true value)."""
+    """Fused float32 a*b + c, rounded once, on float32 inputs (arrays or scalars), as float32."""
     shape = np.broadcast_shapes(np.shape(a), np.shape(b), np.shape(c))
-    p = np.atleast_1d(np.multiply(a, b, dtype=F64))
-    s = np.atleast_1d(np.add(p, c, dtype=F64))  # one float64 rounding
-    bits = s.view(np.int64)
-    tie = (bits & 0x1FFFFFFF) == 0x10000000
-    if tie.any():  # rare: fix just these elements
-        c64 = np.broadcast_to(np.asarray(c, dtype=F64), s.shape)
-        p = np.broadcast_to(p, s.shape)
-        idx = np.nonzero(tie)
-        ps, cs, ss = p[idx], c64[idx], s[idx]
-        bv = ss - ps
-        err = (ps - (ss - bv)) + (cs - bv)
-        nudge = np.where(err == 0, 0, np.where((err > 0) == (ss > 0), 1, -1))
-        bits = bits.copy()
-        bits[idx] += nudge
-    return bits.view(F64).astype(F32).reshape(shape)
+    a, b, c = (np.broadcast_to(np.asarray(v, dtype=F64), shape).reshape(-1) for v in (a, b, c))
+    return _fma_checked(a, b, c).astype(F32).reshape(shape)
 
 
-def _log_avx2(x: np.ndarray) -> np.ndarray:
-    """log256_ps for normal x > 0: x = m 2**e, m in [sqrt(1/2), sqrt 2), polynomial in m - 1."""
-    bits = x.view(np.uint32)
-    e = ((bits >> 23).astype(np.int32) - 127).astype(F32) + _ONE
-    m = ((bits & 0x807FFFFF) | 0x3F000000).view(F32)  # mantissa with exponent of 0.5: [0.5, 1)
-    small = m < _SQRTHF
-    e = e - np.where(small, _ONE, F32(0))
-    x = (m - _ONE) + np.where(small, m, F32(0))  # m < sqrt(1/2): use 2m - 1, one rounding
-    z = x * x
-    y = _LOG_P[0]
-    for p in _LOG_P[1:]:  # Horner: every step fused
-        y = _fma32(y, x, p)
-    y = _fma32(y * x, z, e * _LOG_Q1)  # y*x rounded; y*z fused with the rounded e*q1
-    y = y - z * _HALF  # fused in the binary too, but z*0.5 is exact so one rounding either way
-    return _fma32(e, _LOG_Q2, x + y)  # e*q2 fused (exact anyway) onto the rounded x + y
+def round32(x: np.ndarray, f32: np.ndarray) -> np.ndarray:
+    """Round float64 `x` to float32 precision in place, through the float32 scratch `f32`."""
+    np.copyto(f32, x, casting="same_kind")
+    np.copyto(x, f32)
+    return x
 
 
-def _sincos_avx2(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """sincos256_ps: octant j from |t| * 4/pi, Cody-Waite reduction, two polynomials, signs."""
-    tb = t.view(np.uint32)
-    ax = (tb & 0x7FFFFFFF).view(F32)
-    j = (((ax * _FOPI).astype(np.int32) + 1) & ~1).astype(np.uint32)  # truncate, round up to even
-    y = j.astype(F32)
-    sin_sign = (tb & 0x80000000) ^ ((j & 4) << 29)
-    cos_sign = (~(j - np.uint32(2)) & 4) << 29
-    use_sin_poly = (j & 2) == 0
-    x = ax
-    for dp in _MINUS_DP:  # x - y*pi/4, each product fused into its add
-        x = _fma32(y, dp, x)
-    z = x * x
-    yc = _fma32(_fma32(_COS_P[0], z, _COS_P[1]), z, _COS_P[2])
-    yc = _fma32(z, z * yc, -(z * _HALF)) + _ONE  # z*yc rounded, then z*(.) - z/2 fused
-    ys = _fma32(_fma32(_SIN_P[0], z, _SIN_P[1]), z, _SIN_P[2])
-    ys = _fma32(x, z * ys, x)  # z*ys rounded, then x*(.) + x fused
-    ys_sin = np.where(use_sin_poly, ys, F32(0))  # the kernel selects with masks, subtractions
-    yc_sin = np.where(use_sin_poly, F32(0), yc)  # and adds; mirrored for identical signed zeros
-    sin = (yc_sin + ys_sin).view(np.uint32) ^ sin_sign
-    cos = ((ys - ys_sin) + (yc - yc_sin)).view(np.uint32) ^ cos_sign
-    return sin.view(F32), cos.view(F32)
+def fma_into(a, b, c, out: np.ndarray, f32: np.ndarray) -> np.ndarray:
+    """out = fused float32 a*b + c, for float32 values held in float64; `out` may be `a` or `b`,
+    not `c`. Exact wherever `double_rounding_hazards` finds nothing (see above)."""
+    np.multiply(a, b, out=out)
+    out += c
+    return round32(out, f32)
 
 
-def _box_muller16(u: np.ndarray, variant: str, libm: Libm) -> np.ndarray:
-    """Torch's 16-element Box-Muller on rows of a (k, 16) float32 uniform array."""
+def fma_checked_into(a, b, c, out: np.ndarray, f32: np.ndarray) -> np.ndarray:
+    """`fma_into` for any inputs (`_fma_checked`); for tests of the kernels."""
+    np.copyto(out, _fma_checked(a, b, c))
+    return out
+
+
+class Avx2Kernel:
+    """torch's AVX2 Box-Muller (avx_mathfun.h's log256_ps and sincos256_ps, GCC's FMA contractions)
+    on up to `rows` rows of 16 uniforms at a time.
+
+    Every intermediate lives in arrays allocated once here and reused by every call: fresh
+    temporaries on each draw made glibc map and return memory over and over (in a process that
+    has not yet freed a large block, its mmap/trim thresholds stay at 128 KB), and the page
+    faults tripled the cost of a (2, 4, 64, 64) draw. `fma` is the fused multiply-add to use.
+    """
+
+    def __init__(self, rows: int, fma=fma_into) -> None:
+        n = 8 * rows  # elements per half-row array
+        self.rows = rows
+        self.fma = fma
+        self._f64 = [np.empty(n, F64) for _ in range(8)]
+        self._u64 = [np.empty(n, np.uint64) for _ in range(3)]
+        self._f32 = [np.empty(n, F32) for _ in range(4)]
+
+    def _buffers(self, n: int) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        return [b[:n] for b in self._f64], [b[:n] for b in self._u64], [b[:n] for b in self._f32]
+
+    def log(self, u: np.ndarray) -> np.ndarray:
+        """log256_ps of float32 `u` (1-D, normal, > 0), as float32 values in a float64 work array
+        (valid until the next call): u = m 2**e, m in [sqrt(1/2), sqrt 2), polynomial in m - 1."""
+        (e, m, x, z, y, t, *_), (mask, *_), (f32, *_) = self._buffers(len(u))
+        fma = self.fma
+        bits = u.view(np.uint32)
+        e[:] = bits >> 23
+        e -= 126.0  # exponent + 1, exact
+        m[:] = ((bits & 0x807FFFFF) | 0x3F000000).view(F32)  # mantissa with exponent of 0.5: [0.5, 1)
+        small = m < float(_SQRTHF)
+        e -= small
+        np.subtract(m, 1.0, out=x)  # exact
+        np.negative(small, dtype=np.int64, out=mask.view(np.int64))
+        x += np.bitwise_and(m.view(np.uint64), mask, out=t.view(np.uint64)).view(F64)  # m < sqrt(1/2): 2m - 1
+        round32(x, f32)  # ... with one float32 rounding
+        round32(np.multiply(x, x, out=z), f32)
+        fma(x, float(_LOG_P[0]), float(_LOG_P[1]), y, f32)
+        for p in _LOG_P[2:]:  # Horner: every step fused
+            fma(y, x, float(p), y, f32)
+        round32(np.multiply(e, float(_LOG_Q1), out=t), f32)
+        round32(np.multiply(y, x, out=y), f32)
+        fma(y, z, t, y, f32)  # y*x rounded; y*z fused with the rounded e*q1
+        y -= np.multiply(z, 0.5, out=t)  # fused in the binary too, but z*0.5 is exact: one rounding
+        round32(y, f32)
+        round32(np.add(x, y, out=t), f32)
+        return fma(e, float(_LOG_Q2), t, y, f32)  # e*q2 fused (exact anyway) onto the rounded x + y
+
+    def sincos(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """sincos256_ps of float32 `t` (1-D), as float32 values in float64 work arrays (valid until
+        the next call): octant j from |t| * 4/pi, Cody-Waite reduction, two polynomials, signs."""
+        (y, x, tmp, z, yc, ys, ys_sin, yc_sin), (sin_sign, cos_sign, sin_poly), (f32, *_) = self._buffers(len(t))
+        fma = self.fma
+        tb = t.view(np.uint32)
+        ax = (tb & 0x7FFFFFFF).view(F32)
+        j = (((ax * _FOPI).astype(np.int32) + 1) & ~1).astype(np.uint32)  # truncate, round up to even
+        y[:] = j
+        sin_sign[:] = (tb & 0x80000000) ^ ((j & 4) << 29)
+        sin_sign <<= np.uint64(32)  # float32 sign bit -> float64 sign bit
+        cos_sign[:] = (~(j - np.uint32(2)) & 4) << 29
+        cos_sign <<= np.uint64(32)
+        np.negative((j & 2) == 0, dtype=np.int64, out=sin_poly.view(np.int64))  # all ones: sine polynomial
+        x[:] = ax
+        for dp in _MINUS_DP:  # x - y*pi/4, each product fused into its add
+            x, tmp = fma(y, float(dp), x, tmp, f32), x
+        round32(np.multiply(x, x, out=z), f32)
+        fma(z, float(_COS_P[0]), float(_COS_P[1]), yc, f32)
+        fma(yc, z, float(_COS_P[2]), yc, f32)
+        round32(np.multiply(z, yc, out=tmp), f32)
+        fma(z, tmp, np.multiply(z, -0.5, out=yc), tmp, f32)  # z*yc rounded, then z*(.) - z/2 fused
+        yc, tmp = round32(np.add(tmp, 1.0, out=tmp), f32), yc
+        fma(z, float(_SIN_P[0]), float(_SIN_P[1]), ys, f32)
+        fma(ys, z, float(_SIN_P[2]), ys, f32)
+        round32(np.multiply(z, ys, out=tmp), f32)
+        fma(x, tmp, x, ys, f32)  # z*ys rounded, then x*(.) + x fused
+        # The kernel selects with and-masks, subtractions and adds; mirrored for identical signed zeros.
+        np.bitwise_and(ys.view(np.uint64), sin_poly, out=ys_sin.view(np.uint64))
+        np.bitwise_and(yc.view(np.uint64), np.invert(sin_poly, out=sin_poly), out=yc_sin.view(np.uint64))
+        sin = round32(np.add(yc_sin, ys_sin, out=x), f32)
+        sin.view(np.uint64)[:] ^= sin_sign
+        round32(np.subtract(ys, ys_sin, out=ys), f32)
+        round32(np.subtract(yc, yc_sin, out=yc), f32)
+        cos = round32(np.add(ys, yc, out=ys), f32)
+        cos.view(np.uint64)[:] ^= cos_sign
+        return sin, cos
+
+    def box_muller(self, u: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Torch's 16-element Box-Muller on the rows of a (k, 16) float32 uniform array, k <= rows,
+        into `out` (may be `u`)."""
+        n = 8 * len(u)
+        _, _, (_, u1, t, radius) = self._buffers(n)  # float32; the first is round32's scratch
+        np.subtract(_ONE, u[:, :8], out=u1.reshape(-1, 8))  # [0, 1) -> (0, 1], exact
+        np.multiply(_TWO_PI_F, u[:, 8:], out=t.reshape(-1, 8))  # float32 product with float(2 pi)
+        np.copyto(radius, self.log(u1), casting="same_kind")
+        radius *= _MINUS_TWO
+        np.sqrt(radius, out=radius)
+        sin, cos = self.sincos(t)
+        np.copyto(u1, cos, casting="same_kind")  # u1 and t are free again: float32 cos and sin
+        np.copyto(t, sin, casting="same_kind")
+        # fma(n, std=1, mean=0) is exact: n + 0, which also turns -0 into +0.
+        np.multiply(radius.reshape(-1, 8), u1.reshape(-1, 8), out=out[:, :8])
+        np.multiply(radius.reshape(-1, 8), t.reshape(-1, 8), out=out[:, 8:])
+        out += F32(0)
+        return out
+
+
+def _box_muller16_scalar(u: np.ndarray, libm: Libm) -> np.ndarray:
+    """Torch's scalar-build Box-Muller on rows of a (k, 16) float32 uniform array."""
     u1 = _ONE - u[:, :8]  # [0, 1) -> (0, 1], exact
     u2 = u[:, 8:]
-    if variant == "avx2":
-        log = _log_avx2(u1)
-        sin, cos = _sincos_avx2(_TWO_PI_F * u2)  # float32 product with float(2 pi)
-    else:
-        log = libm.log(u1)
-        sin, cos = libm.sincos((u2.astype(F64) * _TWO_PI).astype(F32))  # double product, rounded
+    log = libm.log(u1)
+    sin, cos = libm.sincos((u2.astype(F64) * _TWO_PI).astype(F32))  # double product, rounded
     radius = np.sqrt(_MINUS_TWO * log)
     # fma(n, std=1, mean=0) is exact: n + 0, which also turns -0 into +0.
     return np.concatenate([radius * cos, radius * sin], axis=1) + F32(0)
@@ -248,7 +359,8 @@ class TorchRandom:
 
     ``variant``: "auto" (what torch runs here, see ``detect_variant``), "avx2" or "scalar".
     ``libm``: logf/sincosf for the scalar variant (default ``PlatformLibm``, else
-    ``CorrectlyRoundedLibm``).
+    ``CorrectlyRoundedLibm``). One stream, one caller at a time: calls from two threads at once
+    would interleave the stream (as with a torch generator) and share the kernel's work arrays.
     """
 
     def __init__(self, seed: int, variant: str = "auto", libm: Libm | None = None):
@@ -264,6 +376,7 @@ class TorchRandom:
         self._mt = np.random.MT19937()
         self._mt.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": 624}}
         self._cached_normal: float | None = None  # torch's next_double_normal_sample
+        self._kernel: Avx2Kernel | None = None  # work arrays, allocated on the first large avx2 draw
 
     def _words(self, n: int) -> np.ndarray:
         return self._mt.random_raw(n).astype(np.uint32)
@@ -276,14 +389,23 @@ class TorchRandom:
         n = math.prod(shape)
         if n >= 16:
             out = self._uniform_f32(n)
-            full = n - n % 16
-            out[:full] = _box_muller16(out[:full].reshape(-1, 16), self.variant, self.libm).ravel()
+            blocks = out[: n - n % 16].reshape(-1, 16)
+            for i in range(0, len(blocks), _ROWS):
+                self._box_muller16(blocks[i : i + _ROWS])  # in place
             if n % 16:  # torch recomputes the last 16 outputs from 16 fresh uniforms
-                tail = self._uniform_f32(16).reshape(1, 16)
-                out[n - 16:] = _box_muller16(tail, self.variant, self.libm).ravel()
+                out[n - 16:] = self._box_muller16(self._uniform_f32(16).reshape(1, 16)).ravel()
         else:
             out = np.array([self._normal_double() for _ in range(n)], dtype=F64).astype(F32)
         return out.reshape(shape)
+
+    def _box_muller16(self, u: np.ndarray) -> np.ndarray:
+        """Torch's 16-element Box-Muller, in place on the rows of a (k, 16) float32 uniform array."""
+        if self.variant == "scalar":
+            u[:] = _box_muller16_scalar(u, self.libm)
+            return u
+        if self._kernel is None:
+            self._kernel = Avx2Kernel(_ROWS)
+        return self._kernel.box_muller(u, out=u)
 
     def _normal_double(self) -> float:
         """One serial double Box-Muller sample, with torch's one-sample cache."""

@@ -19,12 +19,15 @@ import numpy as np
 import pytest
 
 from coreml_sd.runtime.random import (
-    PlatformLibm,
+    Avx2Kernel,
     CorrectlyRoundedLibm,
     NumpyRandom,
+    PlatformLibm,
     TorchRandom,
     _fma32,
     detect_variant,
+    double_rounding_hazards,
+    fma_into,
     make_rng,
 )
 
@@ -233,6 +236,35 @@ def test_fma32_rounds_once():
     got = _fma32(a, b, c)
     want = [_round_f32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))) for x, y, z in zip(a, b, c)]
     assert np.array_equal(got.view(np.uint32), np.array(want, np.float32).view(np.uint32))
+
+
+def test_avx2_kernel_never_needs_the_double_rounding_repair():
+    """The AVX2 kernels fuse multiply-adds as one float64 add and a rounding to float32, without
+    the repair `_fma32` applies where that goes wrong. That is exact only if no fused step ever
+    meets such a case: checked here for every input the kernels can get, all 2**24 uniforms
+    (24-bit multiples of 2**-24), at every fused step of log and of sincos."""
+    hazards = []
+
+    def checking_fma(a, b, c, out, f32):
+        hazards.append(int(np.count_nonzero(double_rounding_hazards(a, b, c))))
+        return fma_into(a, b, c, out, f32)
+
+    chunk = 2**20
+    kernel = Avx2Kernel(chunk // 8, fma=checking_fma)
+    for start in range(0, 2**24, chunk):
+        u = np.arange(start, start + chunk, dtype=np.uint32).astype(np.float32) * np.float32(2.0**-24)
+        kernel.log(np.float32(1) - u)  # u1 = 1 - u, as the kernel gets it
+        kernel.sincos(np.float32(2 * np.pi) * u)  # t = float(2 pi) * u2
+    assert len(hazards) == 2**24 // chunk * 19 and sum(hazards) == 0  # 19 fused steps
+
+
+def test_avx2_kernel_fma_repair_is_real():
+    """The check above can fail: the repair is needed for inputs outside the kernels' domain."""
+    a, b, c = np.float32(1 + 2**-23), np.float32(2 - 2**-22), np.float32(2**25 + 4)
+    args = [np.array([v], np.float64) for v in (a, b, c)]
+    assert double_rounding_hazards(*args).tolist() == [True]
+    assert fma_into(*args, np.empty(1), np.empty(1, np.float32))[0] == 2**25 + 8  # the wrong way
+    assert _fma32(a, b, c) == np.float32(2**25 + 4)
 
 
 def test_detect_variant_honours_aten_cpu_capability(monkeypatch):
