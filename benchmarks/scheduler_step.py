@@ -1,26 +1,38 @@
 """One scheduler `step` on (2, 4, 64, 64) float32 latents: ours (numpy) vs diffusers (torch).
 
-    python benchmarks/scheduler_step.py [--repeats N] [--config sd15|sdxl]
+    python benchmarks/scheduler_step.py [--repeats N] [--runs 2] [--config sdxl|sd15] [--threads N]
+
+Goal (issue 2): the numpy step costs no more than diffusers' torch step, and under 1 ms.
 
 Both sides get the same inputs at the same point: the middle (step 10) of a 20-step schedule,
-reached by running the first 10 steps. Each timed call starts from a snapshot of that state, so
-every repeat times the same step. Noise-injecting schedulers (euler-a, lcm) draw noise inside
-`step`; the main columns time the step with that noise pre-drawn (the scheduler's own cost), and
-a second table times the random draws themselves (`TorchRandom` vs `torch.randn`).
+reached by running the first 10 steps. Every timed call starts from a snapshot of that state, so
+each repeat times the same step; ours and diffusers' calls alternate, so a busy machine slows
+both alike. The main table times the step as a pipeline runs it: euler-a and lcm draw fresh
+noise inside `step`, ours from `TorchRandom` (torch's stream, bit for bit) or `NumpyRandom`
+(numpy's own), diffusers' from a `torch.Generator`. A second table times the step with the noise
+drawn in advance (the scheduler arithmetic alone), a third the draws by themselves.
+
+Prints the tables and writes benchmarks/results/project/scheduler_step.json, one list entry per
+run for every figure (median microseconds), with the tool versions and the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
+import platform
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 SHAPE = (2, 4, 64, 64)
 STEPS, AT = 20, 10
+GOAL_US = 1000.0
 CONFIGS = {
     "sd15": {
         "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
@@ -47,6 +59,7 @@ REFERENCE = {
     ),
     "lcm": ("LCMScheduler", {}),
 }
+SEED = 0
 
 
 class FixedNoise:
@@ -59,6 +72,23 @@ class FixedNoise:
         return self.noise
 
 
+@contextlib.contextmanager
+def reference_noise(module, noise):
+    """Within the block, the reference scheduler's module draws `noise` instead of random numbers
+    (its `randn_tensor`), so its step can be timed without the draw; restored on exit."""
+    import torch
+
+    if not hasattr(module, "randn_tensor"):
+        yield
+        return
+    original = module.randn_tensor
+    module.randn_tensor = lambda *args, **kwargs: torch.from_numpy(noise)
+    try:
+        yield
+    finally:
+        module.randn_tensor = original
+
+
 def snapshot(obj) -> dict:
     """The scheduler's state, with lists copied (steps append to / assign into them)."""
     return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(obj).items()}
@@ -69,104 +99,228 @@ def restore(obj, state: dict) -> None:
     vars(obj).update({k: (list(v) if isinstance(v, list) else v) for k, v in state.items()})
 
 
-def median_us(call, reset, repeats: int, warmup: int = 20) -> float:
-    times = []
+def interleaved_median_us(calls: dict[str, tuple], repeats: int, warmup: int = 20) -> dict[str, float]:
+    """Median microseconds of each `call()`, each preceded by its untimed `reset()`; the calls
+    take turns, so load on a shared machine falls on all of them alike."""
+    times: dict[str, list[int]] = {label: [] for label in calls}
     for i in range(warmup + repeats):
-        reset()
-        t0 = time.perf_counter_ns()
-        call()
-        t1 = time.perf_counter_ns()
-        if i >= warmup:
-            times.append(t1 - t0)
-    return statistics.median(times) / 1e3
+        for label, (call, reset) in calls.items():
+            reset()
+            t0 = time.perf_counter_ns()
+            call()
+            t1 = time.perf_counter_ns()
+            if i >= warmup:
+                times[label].append(t1 - t0)
+    return {label: statistics.median(t) / 1e3 for label, t in times.items()}
 
 
-def bench(name: str, config: dict, repeats: int) -> tuple[float, float]:
-    import diffusers
-    import torch
+class Case:
+    """One scheduler on both sides, advanced to step AT of STEPS with identical inputs."""
 
-    from coreml_sd.runtime.schedulers import from_config
+    def __init__(self, name: str, config: dict) -> None:
+        import diffusers
+        import torch
 
-    rng = np.random.default_rng(0)
-    latents = rng.standard_normal(SHAPE).astype(np.float32)
-    outputs = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(STEPS + 1)]
-    noise = rng.standard_normal(SHAPE).astype(np.float32)
+        from coreml_sd.runtime.schedulers import from_config
 
-    ours = from_config(config, name)
-    cls, extra = REFERENCE[name]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = getattr(diffusers, cls).from_config(config, **extra)
-    ours.set_timesteps(STEPS)
-    theirs.set_timesteps(STEPS)
-    # The reference draws its noise through `randn_tensor`; hand it the same pre-drawn tensor.
-    module = __import__(type(theirs).__module__, fromlist=["randn_tensor"])
-    if hasattr(module, "randn_tensor"):
-        module.randn_tensor = lambda *a, **k: torch.from_numpy(noise)
+        rng = np.random.default_rng(0)
+        latents = rng.standard_normal(SHAPE).astype(np.float32)
+        outputs = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(STEPS + 1)]
+        self.noise = rng.standard_normal(SHAPE).astype(np.float32)
+        self.ours = from_config(config, name)
+        cls, extra = REFERENCE[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.theirs = getattr(diffusers, cls).from_config(config, **extra)
+        self.module = __import__(type(self.theirs).__module__, fromlist=["randn_tensor"])
+        self.ours.set_timesteps(STEPS)
+        self.theirs.set_timesteps(STEPS)
+        self.draws_noise = self.ours.needs_rng  # (lcm's depends on the step count)
+        x_ours, x_theirs = latents.copy(), torch.from_numpy(latents.copy())
+        fixed = FixedNoise(self.noise)
+        with reference_noise(self.module, self.noise):  # advance both with the same noise
+            for i in range(AT):
+                t_o, t_t = self.ours.timesteps[i], self.theirs.timesteps[i]
+                x_ours = self.ours.step(outputs[i], t_o, self.ours.scale_model_input(x_ours, t_o), rng=fixed)
+                x_theirs = self.theirs.step(
+                    torch.from_numpy(outputs[i]), t_t, self.theirs.scale_model_input(x_theirs, t_t)
+                ).prev_sample
+        self.t_ours, self.t_theirs = self.ours.timesteps[AT], self.theirs.timesteps[AT]
+        self.eps_ours, self.eps_theirs = outputs[AT], torch.from_numpy(outputs[AT])
+        self.x_ours, self.x_theirs = np.ascontiguousarray(x_ours), x_theirs.contiguous()
+        self.state_ours, self.state_theirs = snapshot(self.ours), snapshot(self.theirs)
 
-    x_ours, x_theirs = latents.copy(), torch.from_numpy(latents.copy())
-    fixed = FixedNoise(noise)
-    for i in range(AT):  # advance both to the middle of the schedule
-        t_o, t_t = ours.timesteps[i], theirs.timesteps[i]
-        x_ours = ours.step(outputs[i], t_o, ours.scale_model_input(x_ours, t_o), rng=fixed)
-        x_theirs = theirs.step(torch.from_numpy(outputs[i]), t_t, theirs.scale_model_input(x_theirs, t_t)).prev_sample
-    t_o, t_t = ours.timesteps[AT], theirs.timesteps[AT]
-    eps_o, eps_t = outputs[AT], torch.from_numpy(outputs[AT])
-    x_ours, x_theirs = np.ascontiguousarray(x_ours), x_theirs.contiguous()
-    state_o, state_t = snapshot(ours), snapshot(theirs)
+    def reset_ours(self) -> None:
+        restore(self.ours, self.state_ours)
 
-    us_ours = median_us(lambda: ours.step(eps_o, t_o, x_ours, rng=fixed), lambda: restore(ours, state_o), repeats)
-    us_theirs = median_us(lambda: theirs.step(eps_t, t_t, x_theirs), lambda: restore(theirs, state_t), repeats)
-    # Same inputs, same answer (up to float32 rounding).
-    restore(ours, state_o)
-    restore(theirs, state_t)
-    a, b = ours.step(eps_o, t_o, x_ours, rng=fixed), theirs.step(eps_t, t_t, x_theirs).prev_sample.numpy()
-    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), name
-    return us_ours, us_theirs
+    def reset_theirs(self) -> None:
+        restore(self.theirs, self.state_theirs)
 
+    def step_ours(self, rng):
+        return self.ours.step(self.eps_ours, self.t_ours, self.x_ours, rng=rng)
 
-def bench_rng(repeats: int) -> list[tuple[str, float]]:
-    import torch
+    def step_theirs(self, generator=None):
+        extra = {"generator": generator} if self.draws_noise else {}
+        return self.theirs.step(self.eps_theirs, self.t_theirs, self.x_theirs, **extra).prev_sample
 
-    rows = []
-    try:
+    def check(self) -> float:
+        """Relative difference of one step, both sides drawing from seed SEED (same noise)."""
+        import torch
+
         from coreml_sd.runtime.random import TorchRandom
 
-        r = TorchRandom(0)
-        rows.append(("TorchRandom.randn (ours)", median_us(lambda: r.randn(SHAPE), lambda: None, max(repeats // 10, 10), 3)))
-    except ImportError:
-        rows.append(("TorchRandom.randn (ours)", float("nan")))
-    g = torch.Generator().manual_seed(0)
-    rows.append(("torch.randn (diffusers)", median_us(lambda: torch.randn(SHAPE, generator=g), lambda: None, repeats)))
-    return rows
+        self.reset_ours()
+        self.reset_theirs()
+        ours = self.step_ours(TorchRandom(SEED))
+        theirs = self.step_theirs(torch.Generator().manual_seed(SEED)).numpy()
+        return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def measure(name: str, config: dict, repeats: int) -> dict:
+    """One row: the step with its noise draw (both rngs), and without (noise drawn in advance)."""
+    import torch
+
+    from coreml_sd.runtime.random import NumpyRandom, TorchRandom
+
+    case = Case(name, copy.deepcopy(config))
+    error = case.check()
+    assert error < 1e-5, f"{name}: ours and diffusers differ by {error:.3g} on the timed step"
+    ours_torch_rng, ours_numpy_rng = TorchRandom(SEED), NumpyRandom(SEED)
+    generator = torch.Generator().manual_seed(SEED)
+    calls = {
+        "diffusers": (lambda: case.step_theirs(generator), case.reset_theirs),
+        "ours_torch_rng": (lambda: case.step_ours(ours_torch_rng), case.reset_ours),
+    }
+    if case.draws_noise:
+        calls["ours_numpy_rng"] = (lambda: case.step_ours(ours_numpy_rng), case.reset_ours)
+    with_draw = interleaved_median_us(calls, repeats)
+    fixed = FixedNoise(case.noise)
+    if case.draws_noise:
+        with reference_noise(case.module, case.noise):
+            alone = interleaved_median_us({
+                "diffusers": (lambda: case.step_theirs(generator), case.reset_theirs),
+                "ours": (lambda: case.step_ours(fixed), case.reset_ours),
+            }, repeats)
+    else:  # nothing is drawn: the step alone is the step
+        alone = {"diffusers": with_draw["diffusers"], "ours": with_draw["ours_torch_rng"]}
+    with_draw.setdefault("ours_numpy_rng", with_draw["ours_torch_rng"])
+    return {"scheduler": name, "draws_noise": case.draws_noise, "relative_error": error,
+            "with_draw_us": with_draw, "step_alone_us": alone}
+
+
+def measure_draws(repeats: int) -> dict[str, float]:
+    """One (2, 4, 64, 64) draw by itself, each generator continuing its stream."""
+    import torch
+
+    from coreml_sd.runtime.random import NumpyRandom, TorchRandom
+
+    torch_rng, numpy_rng, generator = TorchRandom(SEED), NumpyRandom(SEED), torch.Generator().manual_seed(SEED)
+    nothing = lambda: None  # noqa: E731
+    return interleaved_median_us({
+        "torch.randn": (lambda: torch.randn(SHAPE, generator=generator), nothing),
+        "TorchRandom.randn": (lambda: torch_rng.randn(SHAPE), nothing),
+        "NumpyRandom.randn": (lambda: numpy_rng.randn(SHAPE), nothing),
+    }, repeats)
+
+
+def print_run(run: int, rows: list[dict], draws: dict[str, float]) -> None:
+    print(f"\nrun {run}: the step as a pipeline runs it (euler-a, lcm: including the noise draw)")
+    print(f"{'scheduler':<17}{'diffusers µs':>13}{'ours µs':>10}{'ratio':>7}{'  numpy rng µs':>15}{'ratio':>7}  goal")
+    for r in rows:
+        d, ot, on = r["with_draw_us"]["diffusers"], r["with_draw_us"]["ours_torch_rng"], r["with_draw_us"]["ours_numpy_rng"]
+        numpy_cols = f"{on:>15.1f}{on / d:>7.2f}" if r["draws_noise"] else f"{'(no draw)':>15}{'':>7}"
+        met = "met" if ot <= d and ot < GOAL_US else "missed"
+        if r["draws_noise"] and met == "missed" and on <= d and on < GOAL_US:
+            met = "met with numpy rng only"
+        print(f"{r['scheduler']:<17}{d:>13.1f}{ot:>10.1f}{ot / d:>7.2f}{numpy_cols}  {met}")
+    print("the step alone (noise drawn in advance on both sides)")
+    for r in rows:
+        if r["draws_noise"]:
+            d, o = r["step_alone_us"]["diffusers"], r["step_alone_us"]["ours"]
+            print(f"{r['scheduler']:<17}{d:>13.1f}{o:>10.1f}{o / d:>7.2f}")
+    print(f"one {SHAPE} draw: " + ", ".join(f"{k} {v:.1f} µs" for k, v in draws.items()))
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of what this benchmark runs, read from package metadata (importing coremltools
+    only to ask would print its warnings)."""
+    from importlib.metadata import version
+
+    tools = {name: version(name) for name in ("coreml-sd", "torch", "diffusers", "numpy")}
+    return {**tools, "python": platform.python_version()}
+
+
+def record(args, runs: list[tuple[list[dict], dict[str, float]]]) -> dict:
+    """The JSON record: per scheduler, each figure as a list with one entry per run."""
+    import torch
+
+    from coreml_sd.runtime.random import detect_variant
+
+    def per_run(get) -> list[float]:
+        return [round(get(rows_, draws_), 1) for rows_, draws_ in runs]
+
+    rows = []
+    for i, r in enumerate(runs[0][0]):
+        name = r["scheduler"]
+        row = {"scheduler": name, "draws_noise": r["draws_noise"],
+               "relative_error_vs_diffusers": float(f"{r['relative_error']:.3g}")}
+        row["diffusers_us"] = per_run(lambda rows_, _: rows_[i]["with_draw_us"]["diffusers"])
+        # Without a draw the rng plays no part: one "ours" figure.
+        for key in ("ours_torch_rng", "ours_numpy_rng") if r["draws_noise"] else ("ours_torch_rng",):
+            label = key if r["draws_noise"] else "ours"
+            row[f"{label}_us"] = per_run(lambda rows_, _, k=key: rows_[i]["with_draw_us"][k])
+            row[f"ratio_{label}"] = [round(o / d, 2) for o, d in zip(row[f"{label}_us"], row["diffusers_us"])]
+        if r["draws_noise"]:
+            row["step_alone_us"] = {k: per_run(lambda rows_, _, k=k: rows_[i]["step_alone_us"][k])
+                                    for k in ("diffusers", "ours")}
+        rows.append(row)
+    return {
+        "benchmark": "scheduler_step",
+        "latents": list(SHAPE),
+        "config": args.config,
+        "timed_step": f"{AT} of {STEPS}",
+        "statistic": f"median of {args.repeats} interleaved calls, microseconds; one list entry per run",
+        "goal": "ours <= diffusers and ours < 1000 us, noise draw included",
+        "torch_threads": torch.get_num_threads(),
+        "torch_rng_variant": detect_variant(),
+        "machine": platform.platform(),
+        "rows": rows,
+        "draw_us": {k: per_run(lambda _, draws_, k=k: draws_[k]) for k in runs[0][1]},
+        "tools": tool_versions(),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=300)
+    parser.add_argument("--runs", type=int, default=2, help="measure everything this many times")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="sdxl")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "project" / "scheduler_step.json")
     args = parser.parse_args()
 
+    import diffusers
     import torch
 
     from coreml_sd.runtime.schedulers import SCHEDULER_NAMES
 
-    import diffusers
-
     diffusers.utils.logging.set_verbosity_error()  # it logs every config field a class ignores
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = CONFIGS[args.config]
     print(f"step {AT} of {STEPS}, latents {SHAPE} float32, {args.config} config, median of {args.repeats}; "
           f"torch threads {torch.get_num_threads()}")
-    print(f"{'scheduler':<17}{'ours µs':>10}{'diffusers µs':>14}{'ratio':>8}")
-    for name in SCHEDULER_NAMES:
-        ours, theirs = bench(name, copy.deepcopy(config), args.repeats)
-        print(f"{name:<17}{ours:>10.1f}{theirs:>14.1f}{ours / theirs:>8.2f}")
-    print("\nnoise draw for euler-a / lcm (not in the table above):")
-    for label, us in bench_rng(args.repeats):
-        print(f"  {label:<28}{us:>10.1f} µs")
+    runs = []
+    for run in range(1, args.runs + 1):
+        rows = [measure(name, CONFIGS[args.config], args.repeats) for name in SCHEDULER_NAMES]
+        draws = measure_draws(args.repeats)
+        print_run(run, rows, draws)
+        runs.append((rows, draws))
+    data = record(args, runs)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(args.json)
+    print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":
