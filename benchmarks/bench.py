@@ -2,18 +2,23 @@
 
 Each compute unit is measured in a child process of its own: its first model load is truly
 cold, its peak memory is its own, and a configuration that crashes or runs out of memory is
-recorded as failed (with the reason) while the others still run. The child times every stage
-through the pipeline's own timings; the parent adds machine, software and bundle descriptions
-and writes one record (see schema.py and benchmarks/README.md).
+recorded as failed (with the reason) while the others still run. The child imports the backend
+first (timed apart as ``import_s``), then times every stage through the pipeline's own timings;
+the parent checks the bundle before measuring, reads the machine and its conditions (before and
+after), adds software and bundle descriptions and returns one record (see schema.py and
+benchmarks/README.md). Ctrl-C keeps the configurations that finished, marked ``interrupted``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import os
 import platform
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +32,7 @@ import numpy as np
 
 from .. import __version__
 from ..runtime.backends import COMPUTE_UNITS, default_backend, require
-from ..runtime.bundle import open_bundle
+from ..runtime.bundle import Bundle, BundleError, open_bundle
 from . import energy, machine
 from .schema import SCHEMA_VERSION
 
@@ -35,6 +40,14 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 SEED = 0
 GUIDANCE = 7.5
 SCHEDULER = "dpmpp-2m-karras"
+NEEDED = ("TextEncoder", "Unet", "VAEDecoder")  # what one text-to-image generation runs
+# Modules a backend imports on first use. The child imports them before the cold-load timer
+# starts: importing coremltools (and torch, for mil) takes seconds and is not model loading.
+BACKEND_MODULES = {
+    "coreml": ("coreml_sd.runtime.pipeline", "coremltools", "coreml_sd.runtime.backends.coreml"),
+    "mil": ("coreml_sd.runtime.pipeline", "coremltools", "coremltools.converters.mil.frontend.milproto.load",
+            "coremltools.converters.mil.mil.types", "coreml_sd.runtime.backends.mil"),
+}
 
 
 def _stats(values_s: list[float]) -> dict[str, float | int]:
@@ -48,22 +61,54 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def check_bundle(bundle: Bundle, backend: str) -> None:
+    """Raise ``BundleError`` (one line: what is missing and the fix) when ``backend`` cannot run
+    a text-to-image generation with ``bundle``."""
+    missing = [name for name in NEEDED if not bundle.has(name)]
+    if missing:
+        raise BundleError(f"{bundle.path}: the bundle has no {', '.join(missing)}; bench needs {', '.join(NEEDED)} "
+                          f"(convert with --components text-encoder,unet,vae-decoder)")
+    if backend == "mil":
+        compiled_only = [name for name in NEEDED if not bundle.models[name].packages]
+        if compiled_only:
+            raise BundleError(f"{bundle.path}: {', '.join(compiled_only)} exist only as compiled .mlmodelc, which the mil "
+                              "backend cannot run; bench the .mlpackage files (Apple's packages/ folder) instead")
+
+
+def import_backend(backend: str) -> float:
+    """Import everything ``backend`` needs to load a model; the seconds it took."""
+    t = time.perf_counter()
+    for module in BACKEND_MODULES[backend]:
+        importlib.import_module(module)
+    return time.perf_counter() - t
+
+
 def measure(bundle_path: str, backend: str, compute_units: str, steps: int, runs: int, warmup: int,
             scheduler: str, measure_energy: bool, log: Callable[[str], None]) -> dict[str, Any]:
     """One configuration, in this process (the child)."""
+    tag = f"[{backend} {compute_units}]"
+    import_s = import_backend(backend)
     from ..runtime.pipeline import Pipeline
 
-    tag = f"[{backend} {compute_units}]"
     bundle = open_bundle(bundle_path)  # hash verification happens here, outside the load timings
+    check_bundle(bundle, backend)
     t = time.perf_counter()
     Pipeline(bundle, backend, compute_units, reduce_memory=False)
     load_cold = time.perf_counter() - t
     t = time.perf_counter()
     pipe = Pipeline(bundle, backend, compute_units, reduce_memory=False)
     load_warm = time.perf_counter() - t
-    log(f"{tag} loaded: cold {load_cold:.2f}s, warm {load_warm:.2f}s")
+    log(f"{tag} imported the backend in {import_s:.2f}s; loaded: cold {load_cold:.2f}s, warm {load_warm:.2f}s")
 
-    sampler = energy.PowerSampler() if measure_energy else None
+    sampler = None
+    if measure_energy:
+        try:
+            sampler = energy.PowerSampler()
+        except OSError as exc:
+            log(f"{tag} energy: powermetrics did not start ({exc})")
+        else:  # the measured loops must fall inside sampled time, even without a warm-up run
+            if not sampler.wait_started(timeout=3 * energy.INTERVAL_MS / 1000 + 5):
+                log(f"{tag} energy: powermetrics printed no sample yet; measuring anyway")
     measured, windows, unet, host = [], [], [], []
     try:
         for r in range(warmup + runs):
@@ -89,14 +134,19 @@ def measure(bundle_path: str, backend: str, compute_units: str, steps: int, runs
                 "denoise_s": round(sum(timings.unet) + sum(timings.host), 4),
                 "vae_decoder_s": round(timings.vae_decoder, 4),
             })
-    finally:
-        samples = sampler.stop() if sampler else None
+    except BaseException:  # interrupted or failed: stop powermetrics without waiting for samples
+        if sampler is not None:
+            sampler.stop()
+        raise
+    # Wait for the sample that covers the end of the last measured loop before stopping.
+    samples = sampler.stop(until=windows[-1][1]) if sampler is not None else None
     denoise = statistics.median(m["denoise_s"] for m in measured)
     record: dict[str, Any] = {
         "compute_units": compute_units,
         "backend": backend,
         "status": "ok",
         "error": None,
+        "import_s": round(import_s, 3),
         "load_cold_s": round(load_cold, 3),
         "load_warm_s": round(load_warm, 3),
         "text_encoder_s": round(statistics.median(m["text_encoder_s"] for m in measured), 4),
@@ -109,31 +159,48 @@ def measure(bundle_path: str, backend: str, compute_units: str, steps: int, runs
         "iterations_per_second": round(steps / denoise, 4),
         "peak_rss_bytes": _peak_rss(),
         "energy": None,
+        "thermal_pressure": None,
     }
-    if samples:
-        joules = energy.joules(samples, windows)
-        n = steps * runs
-        record["energy"] = {f"{unit}_j_per_step": round(j / n, 4) for unit, j in joules.items()} | {"sampler": "powermetrics"}
+    if sampler is not None:
+        record["energy"], why_not = energy.energy_per_step(samples or [], windows, steps * runs, sampler.interval_ms)
+        record["thermal_pressure"] = energy.pressure_levels(samples or [], windows)
+        if why_not:
+            log(f"{tag} energy: not recorded ({why_not})")
     return record
 
 
+def _stop_child(proc: subprocess.Popen) -> None:
+    """End a child that is still running (it stops its powermetrics on SIGTERM)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _child(args: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    """Run one configuration in a child process; a failure becomes a 'failed' result."""
+    """Run one configuration in a child process; a failure becomes a 'failed' result.
+    KeyboardInterrupt passes through, with the child ended first."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         proc = subprocess.Popen(
             [sys.executable, "-m", "coreml_sd.benchmarks.bench", json.dumps({**args, "out": str(out)})],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1,
         )
         tail: list[str] = []
-        assert proc.stderr is not None
-        for line in proc.stderr:  # progress lines pass through live; the rest is kept for errors
-            line = line.rstrip("\n")
-            if line.startswith("["):
-                log(line)
-            elif line.strip():
-                tail = (tail + [line])[-20:]
-        code = proc.wait()
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:  # progress lines pass through live; the rest is kept for errors
+                line = line.rstrip("\n")
+                if line.startswith("["):
+                    log(line)
+                elif line.strip():
+                    tail = (tail + [line])[-20:]
+            code = proc.wait()
+        finally:
+            _stop_child(proc)
         if code == 0 and out.exists():
             return json.loads(out.read_text())
         if code < 0:
@@ -145,8 +212,7 @@ def _child(args: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
         return {"compute_units": args["compute_units"], "backend": args["backend"], "status": "failed", "error": reason}
 
 
-def bundle_info(path: str) -> dict[str, Any]:
-    bundle = open_bundle(path)
+def bundle_info(bundle: Bundle) -> dict[str, Any]:
     manifest = bundle.manifest or {}
     components = {
         name: {"precision": entry.get("precision"), "compression": entry.get("compression")}
@@ -174,42 +240,101 @@ def software() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def run_bench(bundle: str, compute_units: list[str], backend: str, steps: int, runs: int, warmup: int,
+def run_bench(bundle: str, compute_units: list[str] | None, backend: str, steps: int, runs: int, warmup: int,
               scheduler: str = SCHEDULER, measure_energy: bool | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every configuration asked for and return the record."""
+    """Measure every configuration asked for (None: all this backend has) and return the record.
+
+    Raises ``BackendError``/``BundleError`` before measuring anything when the backend or the
+    bundle cannot serve. Ctrl-C stops the measurement: the record then holds the configurations
+    that finished and ``interrupted`` is true (``results`` may be empty)."""
     backend = default_backend() if backend == "auto" else backend
     require(backend)  # a backend this system lacks is the user's error, not a failed measurement
+    opened = open_bundle(bundle)
+    check_bundle(opened, backend)  # so is a bundle without a model the generation needs
     if backend == "mil":
-        compute_units = ["CPU_ONLY"]  # the mil backend computes on the CPU, whatever is asked
+        asked = [u for u in compute_units or [] if u != "CPU_ONLY"]
+        if asked:
+            log(f"note: the mil backend computes on the CPU; measuring CPU_ONLY, not {', '.join(asked)}")
+        compute_units = ["CPU_ONLY"]
+    compute_units = list(compute_units or COMPUTE_UNITS)
     why_not = energy.available()
     if measure_energy is None:
         measure_energy = why_not is None
     if why_not and measure_energy:
         log(f"energy: not measured ({why_not})")
         measure_energy = False
-    info = bundle_info(bundle)
-    results = []
-    for units in compute_units:
-        log(f"[{backend} {units}] starting: {warmup} warm-up + {runs} runs of {steps} steps")
-        results.append(_child({"bundle": str(Path(bundle).resolve()), "backend": backend, "compute_units": units,
-                               "steps": steps, "runs": runs, "warmup": warmup, "scheduler": scheduler,
-                               "energy": measure_energy}, log))
+    info = bundle_info(opened)
+    machine_info = machine.probe()
+    before = machine.conditions()
+    results: list[dict[str, Any]] = []
+    interrupted = False
+    try:
+        for units in compute_units:
+            log(f"[{backend} {units}] starting: {warmup} warm-up + {runs} runs of {steps} steps")
+            results.append(_child({"bundle": str(opened.path.resolve()), "backend": backend, "compute_units": units,
+                                   "steps": steps, "runs": runs, "warmup": warmup, "scheduler": scheduler,
+                                   "energy": measure_energy}, log))
+    except KeyboardInterrupt:
+        interrupted = True
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "coreml-sd", "version": __version__},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine.probe(),
+        "machine": machine_info,
+        "conditions": {"before": before, "after": machine.conditions()},
         "software": software(),
         "bundle": info,
         "settings": {"prompt": PROMPT, "negative_prompt": "", "seed": SEED, "steps": steps, "guidance_scale": GUIDANCE,
                      "scheduler": scheduler, "runs": runs, "warmup": warmup, "backend": backend, "rng": "torch"},
+        "interrupted": interrupted,
         "results": results,
     }
 
 
+def _sudo_owner() -> tuple[int, int] | None:
+    """(uid, gid) of the user who ran ``sudo``, when this process is root under sudo."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return int(os.environ["SUDO_UID"]), int(os.environ["SUDO_GID"])
+    except (KeyError, ValueError):
+        return None
+
+
+def write_record(record: dict[str, Any], out: Path) -> None:
+    """Write ``record`` to ``out`` whole or not at all, never over an existing file (creating the
+    missing folders). Under sudo, the file and the folders it created belong to the sudo user."""
+    out = Path(out)
+    missing = []
+    parent = out.parent.absolute()
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        owner = _sudo_owner()
+        if owner is not None:
+            for path in [*reversed(missing), tmp]:
+                os.chown(path, *owner)
+        try:
+            os.link(tmp, out)  # raises FileExistsError if out appeared meanwhile: never overwrite a record
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links
+            if out.exists():
+                raise FileExistsError(out) from None
+            os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _main() -> None:
     """Child entry point: one configuration, result written as JSON to args['out']."""
+    # SIGTERM from the parent (Ctrl-C there) unwinds like an exception, so powermetrics is stopped.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = json.loads(sys.argv[1])
     if args["compute_units"] not in COMPUTE_UNITS:
         raise SystemExit(f"unknown compute units {args['compute_units']}")

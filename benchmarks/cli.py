@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,10 +10,12 @@ import click
 
 from ..runtime.backends import BACKENDS, COMPUTE_UNITS
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
-def _units(ctx, param, value: str) -> list[str]:
-    if value.lower() == "all":
-        return list(COMPUTE_UNITS)
+
+def _units(ctx, param, value: str | None) -> list[str] | None:
+    if value is None or value.lower() == "all":
+        return None  # every unit the backend has
     units = [u.strip() for u in value.split(",") if u.strip()]
     bad = [u for u in units if u not in COMPUTE_UNITS]
     if bad or not units:
@@ -22,10 +23,36 @@ def _units(ctx, param, value: str) -> list[str]:
     return units
 
 
+def _cannot_write(path: Path) -> str | None:
+    """Why a file cannot be created at ``path`` (its folder may not exist yet), or None."""
+    ancestor = path.parent.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable"
+    return None
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a derived file (report, plot) whole, creating its folder; one-line error otherwise."""
+    if why := _cannot_write(path):
+        raise click.ClickException(f"cannot write {path}: {why}; choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @click.command()
 @click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle to measure.")
-@click.option("--compute-units", "units", default="all", show_default=True, callback=_units,
-              help="all, or a comma-separated list of " + ", ".join(COMPUTE_UNITS) + " (coreml backend).")
+@click.option("--compute-units", "units", default=None, callback=_units,
+              help="all (default), or a comma-separated list of " + ", ".join(COMPUTE_UNITS) +
+                   " (coreml backend; mil measures CPU_ONLY).")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(1), help="Measured runs per configuration.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Unmeasured runs first.")
@@ -36,25 +63,34 @@ def bench(bundle, units, steps, runs, warmup, backend, energy, out):
     """Time every stage of generation with a bundle, per compute unit, into one JSON record."""
     from ..runtime.backends import BackendError
     from ..runtime.bundle import BundleError
-    from .bench import run_bench
+    from .bench import run_bench, write_record
 
     if out.exists():
         raise click.ClickException(f"{out} exists; choose another -o (records are never overwritten)")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise click.ClickException(f"{out.parent} is not a folder; choose another -o")
+    if why := _cannot_write(out):
+        raise click.ClickException(f"cannot write {out}: {why}; choose another -o")
     try:
         record = run_bench(str(bundle), units, backend, steps, runs, warmup, measure_energy=energy,
                            log=lambda line: click.echo(line, err=True))
     except (BundleError, BackendError) as exc:
         raise click.ClickException(str(exc)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)
+    if record["interrupted"] and not record["results"]:
+        click.echo("interrupted before any configuration finished; nothing written", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    try:
+        write_record(record, out)
+    except FileExistsError:
+        raise click.ClickException(f"{out} appeared while measuring; not overwritten, the measurement is lost") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
     ok = [r for r in record["results"] if r["status"] == "ok"]
     for r in ok:
         click.echo(f"{r['backend']} {r['compute_units']}: {r['end_to_end_s']:.2f}s end to end, "
                    f"{r['iterations_per_second']:.2f} it/s", err=True)
+    if record["interrupted"]:
+        done = ", ".join(r["compute_units"] for r in record["results"])
+        click.echo(f"interrupted: wrote the finished configuration(s) ({done}) to {out}, marked interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     click.echo(str(out))
     if not ok:
         sys.exit(1)
@@ -66,20 +102,24 @@ def bench(bundle, units, steps, runs, warmup, backend, energy, out):
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Also write a PNG plot of iterations per second.")
 def report(files, out, plot_path):
     """Put many benchmark records side by side in a markdown report."""
-    from .report import build_report, load_records, plot
-    from .schema import RecordError
+    from .report import PlotError, build_report, load_records, plot
 
+    for path in filter(None, (out, plot_path)):
+        if why := _cannot_write(path):
+            raise click.ClickException(f"cannot write {path}: {why}; choose another path")
     records, invalid = load_records(list(files))
     for message in invalid:
         click.echo(f"skipped: {message}", err=True)
     if not records:
         raise click.ClickException("no valid benchmark record among the files given")
     text, rows = build_report(records, invalid)
-    out.write_text(text + "\n")
+    _write_text(out, text + "\n")
     click.echo(str(out))
     if plot_path:
         try:
-            plot(rows, plot_path)
-        except RecordError as exc:
+            png = plot(rows)
+        except PlotError as exc:
             raise click.ClickException(str(exc)) from None
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        plot_path.write_bytes(png)
         click.echo(str(plot_path))

@@ -1,8 +1,9 @@
-"""What machine a benchmark ran on, read from the system.
+"""What machine a benchmark ran on, and in what condition, read from the system.
 
 macOS: chip name, performance/efficiency core counts, GPU core count, memory, macOS version and
-build, power source and thermal state, from ``sysctl``, ``sw_vers``, ``system_profiler``, ``ioreg``
-and ``pmset``. Linux: CPU model, core count and memory from ``/proc``. Every parser is a pure
+build from ``sysctl``, ``sw_vers``, ``system_profiler`` and ``ioreg``; the conditions (power
+source and the thermal warning ``pmset -g therm`` reports) from ``pmset``, read before and after
+measuring. Linux: CPU model, core count and memory from ``/proc``. Every parser is a pure
 function of a command's text output (unit-tested on recorded outputs); a value the system does
 not tell is ``None``, never guessed.
 """
@@ -64,18 +65,20 @@ def parse_power_source(pmset_batt: str | None) -> str | None:
     return {"AC Power": "AC", "Battery Power": "Battery"}.get(match.group(1), match.group(1))
 
 
-def parse_thermal_state(pmset_therm: str | None) -> str | None:
-    """From ``pmset -g therm``: "nominal" when no warning is recorded and the CPU speed limit is
-    100, else a short description of the limit or warning; None if the output says nothing."""
+def parse_thermal_warning(pmset_therm: str | None) -> str | None:
+    """What ``pmset -g therm`` reports, which is a warning log, not a temperature or pressure
+    reading: "none recorded" when it notes that no thermal warning level has been recorded and
+    shows no CPU speed limit below 100 (what Apple Silicon Macs print almost always), else the
+    warning level or speed limit it shows; None if the output says neither."""
     text = pmset_therm or ""
     limit = re.search(r"CPU_Speed_Limit\s*=\s*(\d+)", text)
-    warning = re.search(r"[Tt]hermal warning level (?:set to|is)\s*(\d+)", text)
+    warning = re.search(r"[Tt]hermal [Ww]arning [Ll]evel(?: set to| is|:|\s*=)\s*(\d+)", text)
     if warning and warning.group(1) != "0":
         return f"thermal warning level {warning.group(1)}"
     if limit and limit.group(1) != "100":
-        return f"CPU speed limited to {limit.group(1)}%"
-    if limit or "No thermal warning level has been recorded" in text:
-        return "nominal"
+        return f"CPU speed limit {limit.group(1)}%"
+    if warning or limit or "No thermal warning level has been recorded" in text:
+        return "none recorded"
     return None
 
 
@@ -109,8 +112,6 @@ def probe_macos(run=_run) -> dict[str, Any]:
         "gpu_cores": parse_gpu_cores(run("system_profiler", "-json", "SPDisplaysDataType", timeout=30),
                                      run("ioreg", "-rc", "AGXAccelerator")),
         "memory_bytes": _int(run("sysctl", "-n", "hw.memsize")),
-        "power_source": parse_power_source(run("pmset", "-g", "batt")),
-        "thermal_state": parse_thermal_state(run("pmset", "-g", "therm")),
     }
 
 
@@ -133,8 +134,6 @@ def probe_linux() -> dict[str, Any]:
         "cpu_cores": os.cpu_count(),
         "gpu_cores": None,
         "memory_bytes": parse_meminfo(_read("/proc/meminfo")),
-        "power_source": None,
-        "thermal_state": None,
     }
 
 
@@ -143,3 +142,18 @@ def probe() -> dict[str, Any]:
     info = probe_macos() if sys.platform == "darwin" else probe_linux()
     info["arch"] = platform.machine()
     return info
+
+
+def conditions_macos(run=_run) -> dict[str, str | None]:
+    return {
+        "power_source": parse_power_source(run("pmset", "-g", "batt")),
+        "thermal_warning": parse_thermal_warning(run("pmset", "-g", "therm")),
+    }
+
+
+def conditions() -> dict[str, str | None]:
+    """What may change while the benchmark runs (read before and after measuring): the power
+    source and pmset's thermal warning on macOS; unknown (None) elsewhere."""
+    if sys.platform == "darwin":
+        return conditions_macos()
+    return {"power_source": None, "thermal_warning": None}

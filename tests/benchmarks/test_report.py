@@ -9,28 +9,38 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
-from coreml_sd.benchmarks.report import build_report, load_records
+from coreml_sd.benchmarks.report import build_report, load_records, plot_figure
 from coreml_sd.cli import main
 
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
-def ok(units, e2e, its, unet_ms, energy=None):
-    return {"compute_units": units, "backend": "coreml", "status": "ok", "error": None, "load_cold_s": 20.0, "load_warm_s": 2.0,
-            "text_encoder_s": 0.01, "unet_ms_per_step": {"median": unet_ms, "iqr": 2.0, "count": 100},
+
+def ok(units, e2e, its, unet_ms, energy=None, pressure=None):
+    return {"compute_units": units, "backend": "coreml", "status": "ok", "error": None, "import_s": 1.5,
+            "load_cold_s": 20.0, "load_warm_s": 2.0, "text_encoder_s": 0.01,
+            "unet_ms_per_step": {"median": unet_ms, "iqr": 2.0, "count": 100},
             "host_ms_per_step": {"median": 0.3, "iqr": 0.05, "count": 100}, "vae_decoder_s": 0.5, "denoise_s": e2e - 0.6,
             "end_to_end_s": e2e, "runs": [{"end_to_end_s": e2e, "text_encoder_s": 0.01, "denoise_s": e2e - 0.6, "vae_decoder_s": 0.5}],
-            "iterations_per_second": its, "peak_rss_bytes": 3 * 2**30, "energy": energy}
+            "iterations_per_second": its, "peak_rss_bytes": 3 * 2**30, "energy": energy, "thermal_pressure": pressure}
 
 
-def mac_record(base, chip, results, attention="split-einsum"):
+def mac_record(base, chip, results, attention="split-einsum", memory_gb=32, os_version="14.5", unet_compression=None):
     """TEST DATA: a record as a Mac with ``chip`` would write it (numbers invented)."""
     rec = copy.deepcopy(base)
-    rec["machine"] = {"os": "macOS", "os_version": "14.5", "os_build": "23F79", "arch": "arm64", "chip": chip,
+    rec["machine"] = {"os": "macOS", "os_version": os_version, "os_build": "23F79", "arch": "arm64", "chip": chip,
                       "performance_cores": 8, "efficiency_cores": 4, "cpu_cores": 12, "gpu_cores": 19,
-                      "memory_bytes": 32 * 2**30, "power_source": "AC", "thermal_state": "nominal"}
-    rec["bundle"] = {**rec["bundle"], "model": "stable-diffusion-v1-5", "image_size": [512, 512], "attention": attention}
+                      "memory_bytes": memory_gb * 2**30}
+    rec["conditions"] = {"before": {"power_source": "AC", "thermal_warning": "none recorded"},
+                         "after": {"power_source": "AC", "thermal_warning": "none recorded"}}
+    components = {name: {"precision": "float16", "compression": None} for name in ("TextEncoder", "Unet", "VAEDecoder")}
+    components["Unet"]["compression"] = unet_compression
+    rec["bundle"] = {**rec["bundle"], "model": "stable-diffusion-v1-5", "image_size": [512, 512], "attention": attention,
+                     "components": components}
     rec["settings"] = {**rec["settings"], "backend": "coreml"}
     rec["results"] = results
     return rec
@@ -42,38 +52,86 @@ def write(tmp_path, name, data):
     return path
 
 
-def test_report_groups_sorts_and_marks_the_fastest(tiny_bundle, tmp_path):
+@pytest.fixture(scope="module")
+def linux(tiny_bundle, tmp_path_factory):
+    """A record measured here (1 step, 1 run)."""
+    out = tmp_path_factory.mktemp("report") / "linux.json"
     result = CliRunner().invoke(main, ["bench", "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--steps", "1",
-                                       "--runs", "1", "--warmup", "0", "--backend", "mil", "-o", str(tmp_path / "linux.json")])
+                                       "--runs", "1", "--warmup", "0", "--backend", "mil", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    linux = json.loads((tmp_path / "linux.json").read_text())
-    energy = {"cpu_j_per_step": 0.5, "gpu_j_per_step": 0.1, "ane_j_per_step": 1.2, "sampler": "powermetrics"}
-    m2 = mac_record(linux, "Apple M2 Pro", [ok("CPU_ONLY", 40.0, 0.5, 1900), ok("CPU_AND_GPU", 9.0, 2.4, 410),
-                                            ok("CPU_AND_NE", 6.5, 3.3, 290, energy), ok("ALL", 7.0, 3.1, 300),
-                                            {"compute_units": "CPU_AND_GPU", "backend": "coreml", "status": "failed", "error": "out of memory"}])
-    m1 = mac_record(linux, "Apple M1", [ok("CPU_AND_GPU", 14.0, 1.5, 650), ok("CPU_AND_NE", 16.0, 1.3, 700)], attention="original")
-    files = [write(tmp_path, "m2.json", m2), write(tmp_path, "m1.json", m1), tmp_path / "linux.json",
-             write(tmp_path, "garbage.json", "{nope"), write(tmp_path, "old.json", {**linux, "schema_version": 0})]
-    out = tmp_path / "report.md"
-    result = CliRunner().invoke(main, ["report", *map(str, files), "-o", str(out), "--plot", str(tmp_path / "plot.png")])
+    return out
+
+
+def rows_of(section):
+    return [line for line in section.splitlines() if line.startswith("| ") and "| coreml |" in line]
+
+
+def test_report_groups_sorts_and_marks_the_fastest(linux, tmp_path):
+    base = json.loads(linux.read_text())
+    energy = {"cpu_j_per_step": 0.5, "gpu_j_per_step": 0.1, "ane_j_per_step": 1.2, "coverage": 0.98, "interval_ms": 100,
+              "sampler": "powermetrics"}
+    m2 = mac_record(base, "Apple M2 Pro", [ok("CPU_ONLY", 40.0, 0.5, 1900), ok("CPU_AND_GPU", 9.0, 2.4, 410),
+                                           ok("CPU_AND_NE", 6.5, 3.3, 290, energy, ["Nominal", "Moderate"]),
+                                           ok("ALL", 7.0, 3.1, 300),
+                                           {"compute_units": "CPU_AND_GPU", "backend": "coreml", "status": "failed", "error": "out of memory"}])
+    # The same chip name with more memory, a newer macOS and a palettized UNet: same section, own rows.
+    m2_big = mac_record(base, "Apple M2 Pro", [ok("CPU_AND_NE", 5.5, 3.9, 250)], memory_gb=64, os_version="15.1",
+                        unet_compression="palettize-6bit")
+    m1 = mac_record(base, "Apple M1", [ok("CPU_AND_GPU", 14.0, 1.5, 650), ok("CPU_AND_NE", 16.0, 1.3, 700)], attention="original")
+    files = [write(tmp_path, "m2.json", m2), write(tmp_path, "m2-64.json", m2_big), write(tmp_path, "m1.json", m1), linux,
+             write(tmp_path, "garbage.json", "{nope"), write(tmp_path, "old.json", {**base, "schema_version": 0})]
+    out = tmp_path / "new" / "report.md"  # folders the report creates
+    result = CliRunner().invoke(main, ["report", *map(str, files), "-o", str(out), "--plot", str(tmp_path / "img" / "plot.png")])
     assert result.exit_code == 0, result.output
     assert "skipped: " in result.stderr and "garbage.json" in result.stderr and "old.json" in result.stderr
     text = out.read_text()
     sections = text.split("\n## ")
-    m2_section = next(s for s in sections if s.startswith("Apple M2 Pro"))
-    m1_section = next(s for s in sections if s.startswith("Apple M1 "))
-    rows = [line for line in m2_section.splitlines() if line.startswith("| ") and "| coreml |" in line]
-    order = [r.split("|")[2].strip() for r in rows]
-    assert order == ["CPU_AND_NE", "ALL", "CPU_AND_GPU", "CPU_ONLY"]  # fastest first
-    assert rows[0].startswith("| ★ ") and "**6.50**" in rows[0] and "0.50 / 0.10 / 1.20" in rows[0]
+    # One section per chip name, whatever the memory and OS of the machines behind it.
+    headings = [s.splitlines()[0] for s in sections[1:]]
+    assert headings == sorted({"Apple M1", "Apple M2 Pro", base["machine"]["chip"]}) + ["Files left out"]
+    m2_section = next(s for s in sections if s.startswith("Apple M2 Pro\n"))
+    rows = rows_of(m2_section)
+    order = [(r.split("|")[2].strip(), r.split("|")[5].strip()) for r in rows]
+    assert order == [("CPU_AND_NE", "Unet float16 palettize-6bit; others float16"), ("CPU_AND_NE", "float16"),
+                     ("ALL", "float16"), ("CPU_AND_GPU", "float16"), ("CPU_ONLY", "float16")]  # fastest first
     assert sum(r.startswith("| ★") for r in rows) == 1
-    assert "8P+4E CPU, 19-core GPU, 32 GB, macOS 14.5" in m2_section
-    assert "- failed: CPU_AND_GPU (coreml, stable-diffusion-v1-5 512x512): out of memory" in m2_section
-    m1_rows = [line for line in m1_section.splitlines() if line.startswith("| ") and "coreml" in line]
+    assert rows[0].startswith("| ★ ") and "**5.50**" in rows[0] and "64 GB, macOS 15.1, AC" in rows[0]
+    assert "0.50 / 0.10 / 1.20" in rows[1] and "Nominal → Moderate" in rows[1]
+    assert "8P+4E CPU, 19-core GPU, 32 GB, macOS 14.5, AC" in rows[1]
+    assert "- failed: CPU_AND_GPU (coreml, stable-diffusion-v1-5 512x512, float16, 8P+4E CPU, 19-core GPU, 32 GB, macOS 14.5, AC): out of memory" in m2_section
+    m1_section = next(s for s in sections if s.startswith("Apple M1\n"))
+    m1_rows = rows_of(m1_section)
     assert m1_rows[0].startswith("| ★ ") and "CPU_AND_GPU" in m1_rows[0] and "original" in m1_rows[0]
     assert any(s.startswith("Files left out") and "garbage.json" in s for s in sections)
-    assert linux["machine"]["chip"] in text  # the measured record is there too
-    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert f"## {base['machine']['chip']}\n" in text  # the measured record is there too
+    assert (tmp_path / "img" / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(("name", "content", "says"), [
+    ("results-number.json", lambda r: {**r, "results": 5}, "results: expected a list, got a number"),
+    ("results-true.json", lambda r: {**r, "results": True}, "results: expected a list, got a boolean"),
+    ("size-one.json", lambda r: {**r, "bundle": {**r["bundle"], "image_size": [512]}}, "bundle.image_size: expected 2 items"),
+    ("deep.json", lambda r: "[" * 100_000 + "]" * 100_000, "unreadable (RecursionError"),
+    ("directory.json", None, "cannot read"),
+    ("latin1.json", lambda r: b"\xff\xfe{", "not JSON"),
+])
+def test_malformed_files_are_named_and_the_rest_reported(linux, tmp_path, name, content, says):
+    """Whatever is wrong with a file, the report names it (no traceback) and still covers the others."""
+    bad = tmp_path / name
+    if content is None:
+        bad.mkdir()
+    else:
+        data = content(json.loads(linux.read_text()))
+        if isinstance(data, bytes):
+            bad.write_bytes(data)
+        else:
+            bad.write_text(data if isinstance(data, str) else json.dumps(data))
+    result = CliRunner().invoke(main, ["report", str(bad), str(linux), "-o", str(tmp_path / "r.md")])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    [skipped] = [line for line in result.stderr.splitlines() if line.startswith("skipped: ")]
+    assert name in skipped and says in skipped
+    assert linux.name in (tmp_path / "r.md").read_text()
 
 
 def test_report_with_no_valid_file_fails(tmp_path):
@@ -83,22 +141,55 @@ def test_report_with_no_valid_file_fails(tmp_path):
     assert not (tmp_path / "r.md").exists()
 
 
-def test_build_report_directly(tmp_path):
-    records, invalid = load_records([tmp_path / "missing.json"])
+def test_report_paths_that_cannot_be_written(linux, tmp_path):
+    (tmp_path / "file").write_text("")
+    for args in (["-o", str(tmp_path / "file" / "r.md")], ["-o", str(tmp_path / "r.md"), "--plot", str(tmp_path / "file" / "p.png")]):
+        result = CliRunner().invoke(main, ["report", str(linux), *args])
+        assert result.exit_code == 1 and "is not a folder" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_missing_file_is_named():
+    records, invalid = load_records([Path("/nonexistent/missing.json")])
     assert records == [] and "missing.json: cannot read" in invalid[0]
+
+
+def test_plot_one_panel_per_model_each_readable_legend_clear(linux, tmp_path):
+    """A tiny model at ~7 it/s and SD 1.5 at ~0.04 it/s: each gets its own panel and scale (its
+    tallest bar fills most of it), and the legend overlaps no panel."""
+    base = json.loads(linux.read_text())
+    sd15 = mac_record(base, "Apple M2 Pro", [ok("CPU_AND_NE", 6.5, 0.04, 290), ok("ALL", 7.0, 0.035, 300),
+                                             ok("CPU_AND_GPU", 9.0, 0.03, 410), ok("CPU_ONLY", 40.0, 0.01, 1900)])
+    records, _ = load_records([linux, write(tmp_path, "sd15.json", sd15)])
+    _, rows = build_report(records, [])
+    fig = plot_figure(rows)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        axes = fig.get_axes()
+        assert sorted(ax.get_title() for ax in axes) == sorted({f"{r['model']} {r['size']}" for r in rows})
+        for ax in axes:
+            tallest = max(bar.get_height() for bar in ax.patches)
+            assert tallest >= 0.6 * ax.get_ylim()[1]
+        [legend] = fig.legends
+        box = legend.get_window_extent(renderer)
+        assert len(legend.get_texts()) == len({(r["units"], r["backend"], r["attention"], r["weights"]) for r in rows})
+        for ax in axes:
+            assert not box.overlaps(ax.get_tightbbox(renderer))
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def test_every_committed_record_is_valid_and_reported():
     """benchmarks/results/*.json are records made by `coreml-sd bench` (the project's and
     contributed ones): each must read against the schema and make it into the report."""
-    from pathlib import Path
-
-    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-    paths = sorted(results.glob("*.json"))
-    assert paths, f"no record in {results}"
+    paths = sorted(RESULTS.glob("*.json"))
+    assert paths, f"no record in {RESULTS}"
     records, invalid = load_records(paths)
     assert invalid == []
     text, rows = build_report(records, invalid)
-    assert {row["file"] for row in rows} == {p.name for p in paths}
+    assert {row["file"].split(" ")[0] for row in rows} == {p.name for p in paths}
     for _, record in records:
         assert any(r["status"] == "ok" for r in record["results"])
