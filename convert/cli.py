@@ -50,7 +50,7 @@ def convert(source, out, attention, components, height, width, unet_batch_one, r
     SOURCE is a model id on the Hugging Face hub, a local diffusers folder, or a single-file
     .safetensors checkpoint.
     """
-    from .bundle import OutputError
+    from .bundle import OutputError, staging_dir
     from .converter import ConvertError, ConvertOptions, Progress
     from .converter import convert as run
     from .export import CompileError
@@ -76,6 +76,10 @@ def convert(source, out, attention, components, height, width, unet_batch_one, r
     except (SourceError, ConvertError, OutputError, CompileError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
-        log(f"interrupted: finished components are kept in {out.parent / ('.' + out.name + '.partial')} and reused by the same command")
+        staging = staging_dir(out)
+        if staging.is_dir():
+            log(f"interrupted: finished components are kept in {staging} and reused by the same command")
+        else:
+            log("interrupted before anything was written")
         sys.exit(130)
     click.echo(str(out))

@@ -12,12 +12,17 @@ would be rounded to 0.25 steps in float16; its sinusoidal features are computed 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..models import AttentionImpl, load_text_encoder, load_unet, load_vae_decoder, load_vae_encoder
+from ..models.clip import CLIPTextConfig
+from ..models.unet import UNetConfig
+from ..models.vae import VAEConfig
 from ..runtime.bundle import COMPONENTS
 from .export import TensorSpec
 from .source import Source
@@ -38,6 +43,25 @@ class Geometry:
         return self.height // 8, self.width // 8
 
 
+def source_config(source: Source, part: str) -> dict[str, Any]:
+    """The config of ``part`` (``unet``, ``vae``, ``text_encoder``) as the diffusers / transformers
+    class reads it: the file's values over the class's defaults, so that a config.json written
+    without some field means what it means to diffusers. A ``vae`` the source lacks gives the
+    defaults alone (its scaling factor is all a bundle without VAE models records of it)."""
+    if part == "text_encoder":
+        from transformers import CLIPTextConfig as TransformersConfig
+
+        return TransformersConfig.from_dict(source.text_encoder_config()).to_dict()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
+    params = inspect.signature(cls.__init__).parameters.values()
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    if part == "vae" and not source.has_config("vae"):
+        return defaults
+    return defaults | getattr(source, f"{part}_config")()
+
+
 @dataclass(frozen=True)
 class Component:
     cli_name: str  # text-encoder, unet, ...
@@ -45,6 +69,9 @@ class Component:
     build: Callable[[Source, AttentionImpl, int], torch.nn.Module]  # (source, attention, query_chunk)
     interface: Callable[[Geometry], tuple[list[TensorSpec], list[TensorSpec]]]
     description: str
+    # The module config built from ``source_config`` (a ValueError names what is unsupported):
+    # cheap, so every requested component's architecture is checked before any conversion.
+    architecture: Callable[[dict[str, Any]], Any]
     float32_features: tuple[str, ...] = ()  # inputs whose element-wise features stay float32
 
     @property
@@ -94,9 +121,38 @@ def _vae_encoder_io(g: Geometry):
 COMPONENT_SPECS: dict[str, Component] = {
     c.cli_name: c
     for c in (
-        Component("text-encoder", "text_encoder", lambda s, a, q: load_text_encoder(s.load_text_encoder(), a), _text_encoder_io, "CLIP text encoder"),
-        Component("unet", "unet", lambda s, a, q: load_unet(s.load_unet(), a, q), _unet_io, "Denoising UNet", ("timestep",)),
-        Component("vae-decoder", "vae", lambda s, a, q: load_vae_decoder(s.load_vae(), a, q), _vae_decoder_io, "VAE decoder: latents to image"),
-        Component("vae-encoder", "vae", lambda s, a, q: load_vae_encoder(s.load_vae(), a, q), _vae_encoder_io, "VAE encoder: image to latent moments"),
+        Component(
+            "text-encoder",
+            "text_encoder",
+            lambda s, a, q: load_text_encoder(s.load_text_encoder(), a),
+            _text_encoder_io,
+            "CLIP text encoder",
+            CLIPTextConfig.from_transformers,
+        ),
+        Component(
+            "unet",
+            "unet",
+            lambda s, a, q: load_unet(s.load_unet(), a, q),
+            _unet_io,
+            "Denoising UNet",
+            UNetConfig.from_diffusers,
+            ("timestep",),
+        ),
+        Component(
+            "vae-decoder",
+            "vae",
+            lambda s, a, q: load_vae_decoder(s.load_vae(), a, q),
+            _vae_decoder_io,
+            "VAE decoder: latents to image",
+            VAEConfig.from_diffusers,
+        ),
+        Component(
+            "vae-encoder",
+            "vae",
+            lambda s, a, q: load_vae_encoder(s.load_vae(), a, q),
+            _vae_encoder_io,
+            "VAE encoder: image to latent moments",
+            VAEConfig.from_diffusers,
+        ),
     )
 }

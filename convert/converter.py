@@ -1,9 +1,10 @@
 """The conversion driver: a checkpoint in, a bundle out.
 
-Order of work: open and validate everything that can be checked cheaply (source, family,
-requested components, sizes, output path) before any expensive step; then per component: reuse
-it if already converted, else load -> trace -> convert -> save -> compile, freeing the torch
-modules before the next component so peak memory stays near the largest single one.
+Order of work: open and validate everything that can be checked cheaply (source, family, the
+requested components' architectures, sizes, output path, the presence and headers of their
+weight files) before any expensive step; then per component: reuse it if already converted, else
+load -> trace -> convert -> save -> compile, freeing the torch modules before the next component
+so peak memory stays near the largest single one.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from .. import __version__
 from ..models import AttentionImpl
 from ..runtime.bundle import MERGES, SCHEDULER_CONFIG, VOCAB
 from .bundle import BundleWriter, recipe_hash
-from .components import COMPONENT_SPECS, Geometry
+from .components import COMPONENT_SPECS, Component, Geometry, source_config
 from .export import can_compile, compile_package, to_coreml, trace
-from .source import Source
+from .source import SUPPORTED, Source
 
 DEFAULT_COMPONENTS = ("text-encoder", "unet", "vae-decoder", "vae-encoder")
+VAE_SCALE = 8  # image side / latent side of every SD 1.x / 2.x VAE, as Apple's pipeline assumes
 
 
 class ConvertError(Exception):
@@ -87,24 +89,61 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def _geometry(source: Source, opts: ConvertOptions) -> Geometry:
-    unet, vae = source.unet_config(), source.vae_config()
-    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+def _architectures(source: Source, components: list[Component]) -> dict[str, Any]:
+    """Each requested component's module config, built from the source's config files.
+
+    Cheap, and the place where a variant our modules do not implement (an LCM UNet's
+    ``time_cond_proj_dim``, a VAE with a ``shift_factor``, ...) is refused, before any work."""
+    architectures = {}
+    for comp in components:
+        config = source_config(source, comp.source_part)  # SourceError if the pipeline lacks it
+        try:
+            architectures[comp.cli_name] = comp.architecture(config)
+        except KeyError as exc:
+            raise ConvertError(f"{source.id}: its {comp.source_part} config has no field {exc}; {SUPPORTED}") from None
+        except (ValueError, TypeError) as exc:
+            raise ConvertError(f"{source.id}: {exc}; {SUPPORTED}") from None
+    return architectures
+
+
+def _image_side(name: str, requested: int | None, native: int | None, unet_factor: int) -> int:
+    """One side of the image in pixels: as requested, else the model's native size."""
+    if requested is None and native is None:
+        raise ConvertError(f"the UNet config gives no sample_size: pass --{name}")
+    side = native if requested is None else requested
+    if side <= 0 or side % VAE_SCALE:
+        raise ConvertError(f"--{name} {side}: the image side must be a positive multiple of {VAE_SCALE} (the VAE's scale)")
+    if (side // VAE_SCALE) % unet_factor:
+        raise ConvertError(
+            f"--{name} {side}: latent side {side // VAE_SCALE} is not a multiple of {unet_factor} as this UNet needs; "
+            f"use a multiple of {VAE_SCALE * unet_factor} pixels"
+        )
+    return side
+
+
+def _geometry(source: Source, opts: ConvertOptions, architectures: dict[str, Any]) -> Geometry:
+    """Sizes for every component, from the UNet's config (every pipeline has one) and the flags;
+    the parts of the pipeline a requested component does not use are not read."""
+    unet = source_config(source, "unet")
     unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
-    native = unet["sample_size"] * vae_factor
-    height, width = opts.height or native, opts.width or native
-    for name, side in (("height", height), ("width", width)):
-        if side <= 0 or side % vae_factor:
-            raise ConvertError(f"--{name} {side}: the image side must be a positive multiple of {vae_factor} (the VAE's scale)")
-        if (side // vae_factor) % unet_factor:
-            step = vae_factor * unet_factor
-            raise ConvertError(
-                f"--{name} {side}: latent side {side // vae_factor} is not a multiple of {unet_factor} as this UNet needs; "
-                f"use a multiple of {step} pixels"
-            )
+    native = unet["sample_size"] * VAE_SCALE if unet.get("sample_size") else None
+    height = _image_side("height", opts.height, native, unet_factor)
+    width = _image_side("width", opts.width, native, unet_factor)
     if opts.unet_batch not in (1, 2):
         raise ConvertError(f"UNet batch {opts.unet_batch}: use 2 (default) or 1 (--unet-batch-one)")
-    return Geometry(height, width, opts.unet_batch, unet["cross_attention_dim"])
+    geometry = Geometry(height, width, opts.unet_batch, unet["cross_attention_dim"])
+    text = architectures.get("text-encoder")
+    if text is not None and (text.hidden_size, text.max_length) != (geometry.text_dim, geometry.max_length):
+        raise ConvertError(
+            f"{source.id}: its text encoder gives {text.max_length} x {text.hidden_size} embeddings, its UNet reads"
+            f" {geometry.max_length} x {geometry.text_dim}: the parts are not of one Stable Diffusion pipeline"
+        )
+    for name in ("vae-decoder", "vae-encoder"):
+        vae = architectures.get(name)
+        if vae is not None and 2 ** (len(vae.block_out_channels) - 1) != VAE_SCALE:
+            scale = 2 ** (len(vae.block_out_channels) - 1)
+            raise ConvertError(f"{source.id}: its VAE scales images by {scale}, not {VAE_SCALE} as SD's does; {SUPPORTED}")
+    return geometry
 
 
 def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), progress: Progress | None = None) -> Path:
@@ -115,15 +154,15 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
     if unknown or not opts.components:
         raise ConvertError(f"unknown component {', '.join(unknown) or '(none)'}: choose from {', '.join(COMPONENT_SPECS)}")
     components = [COMPONENT_SPECS[c] for c in DEFAULT_COMPONENTS if c in opts.components]
-    geometry = _geometry(source, opts)
-    configs = {"text_encoder": source.text_encoder_config, "unet": source.unet_config, "vae": source.vae_config}
-    for comp in components:  # a component the checkpoint lacks fails here, before any work
-        configs[comp.source_part]()
+    architectures = _architectures(source, components)  # a component the checkpoint lacks fails here
+    geometry = _geometry(source, opts, architectures)
     do_compile = can_compile() if opts.compile is None else opts.compile
     if do_compile and not can_compile():
         raise ConvertError("compiling to .mlmodelc needs macOS (Core ML); drop --compile on this system")
     vocab, merges, pad_token = source.tokenizer_files()
     writer = BundleWriter(out, opts.overwrite)
+    for part in dict.fromkeys(comp.source_part for comp in components):
+        source.check_weights(part)  # last: for a hub repo this downloads them
 
     tools = tool_versions()
     writer.open()
@@ -148,7 +187,10 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
             continue
         t0 = time.perf_counter()
         with progress.stage(comp.cli_name, "load"):
-            module = comp.build(source, attention, opts.query_chunk)
+            try:
+                module = comp.build(source, attention, opts.query_chunk)
+            except ValueError as exc:  # the weights do not fit our module (models.model_io)
+                raise ConvertError(f"{source.id}: its {comp.source_part} does not map onto coreml-sd's {comp.name}: {exc}") from None
         with progress.stage(comp.cli_name, "trace"):
             traced = trace(module, inputs)
         with progress.stage(comp.cli_name, "convert"):
@@ -206,7 +248,7 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
         "unet_batch": geometry.unet_batch,
         "text_embedding_dim": geometry.text_dim,
         "tokenizer": {"pad_token": pad_token, "max_length": geometry.max_length},
-        "vae": {"scaling_factor": source.vae_config().get("scaling_factor", 0.18215)},
+        "vae": {"scaling_factor": source_config(source, "vae")["scaling_factor"]},
         "tools": tools,
     }
     path = writer.finish(manifest, [VOCAB, MERGES, SCHEDULER_CONFIG])

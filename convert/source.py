@@ -5,7 +5,7 @@
 * ``folder``: a local diffusers pipeline folder (the one holding ``model_index.json``);
 * ``hub``: a Hugging Face repo id ``org/name``. Configs, tokenizer and scheduler are fetched at
   open time and the commit they resolve to is recorded; it pins the download of each
-  component's weights, which happens when that component is loaded;
+  component's weights, which happens when they are first checked or loaded;
 * ``single-file``: an original-layout (LDM / CompVis) checkpoint in one ``.safetensors`` file.
   It holds weights only, so architecture configs, tokenizer and scheduler come from ``config``
   (a diffusers folder or hub id) or, without it, from the repo diffusers associates with the
@@ -14,8 +14,11 @@
   Pickled checkpoints (``.ckpt`` ...) can run code when read and need ``allow_pickle``.
 
 Opening is cheap: configs are small JSON files, and a single file's tensor names and shapes come
-from its header. Each ``load_*`` reads one component's weights only, in float32, so a converter
-can free one component before loading the next.
+from its header. ``check_weights`` makes sure a component's weight files are there and readable
+(safetensors headers) without loading them, so a converter can refuse a broken source before any
+work. Each ``load_*`` reads one component's weights only, in float32, and requires them to fit
+the config exactly (no tensor left at its random initial value), so a converter can free one
+component before loading the next.
 
 Every failure a user can fix raises :class:`SourceError`, one line naming the problem and the
 fix. Checkpoints of other families (SDXL, inpainting, SD3, Flux, ...) are recognised and refused.
@@ -29,6 +32,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +169,42 @@ def _weight_patterns(component: str, fmt: str) -> list[str]:
     return [f"{stem}.{fmt}", f"{stem}.{fmt}.index.json", f"{stem}-*-of-*.{fmt}"]
 
 
+def _weight_files(folder: Path, stem: str, fmt: str) -> list[Path]:
+    """The files holding one component's weights: the whole file, else the shards its index names."""
+    whole = folder / f"{stem}.{fmt}"
+    index = folder / f"{stem}.{fmt}.index.json"
+    if whole.is_file() or not index.is_file():
+        return [whole]
+    weight_map = _read_json(index, "").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{index} names no weight files: repair or re-download it")
+    return [folder / name for name in sorted(set(weight_map.values()))]
+
+
+def _summary(exc: BaseException, limit: int = 240) -> str:
+    """``Type: message`` of a library exception, cut to its first informative line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else "")
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Only errors from diffusers' and transformers' loggers while a component loads."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+
+
 def _file_identities(paths: Iterable[Path]) -> Iterator[str]:
     """Cheap identities of files: JSON and text by content, weights by size and mtime."""
     for path in sorted(p for p in paths if p.is_file()):
@@ -297,14 +337,54 @@ class _Folder:
             raise _pickle_refused(f"{self.where}: {component}/{_STEMS['bin'][component]}.bin")
         return fmt
 
+    def check_weights(self, component: str) -> None:
+        """Fail now if one component's weight files are missing or unreadable (not loading them)."""
+        self.config(component)  # a missing component fails here, with the clearest message
+        fmt = self._weights(component)
+        for path in _weight_files(self.root / component, _STEMS[fmt][component], fmt):
+            rel = path.relative_to(self.root).as_posix()
+            if not path.is_file():
+                raise SourceError(f"{self.where} lacks {rel}, a file of its {component} weights: re-download it")
+            if fmt == "safetensors":
+                _read_shapes(path)  # the header: a truncated file fails here, not after other work
+
     def load(self, component: str) -> torch.nn.Module:
         self.config(component)  # a missing component fails here, with the clearest message
         safetensors = self._weights(component) == "safetensors"
+        try:
+            with _quiet_loading():  # their warnings would repeat, in many lines, what is raised below
+                model, info = self._from_pretrained(component, safetensors)
+        except (MemoryError, SourceError):
+            raise
+        except Exception as e:  # diffusers / transformers: size mismatches, damaged files, ...
+            raise SourceError(
+                f"cannot load the {component} of {self.where} ({_summary(e)}): re-download it, or fix"
+                f" {component}/config.json if it does not describe these weights"
+            ) from None
+        # Both libraries load leniently: a tensor the files lack keeps its random initial value,
+        # one they have in excess is dropped; either way the result is not the checkpoint.
+        problems = {kind: sorted(map(str, info.get(f"{kind}_keys") or ())) for kind in ("missing", "unexpected", "mismatched")}
+        if any(problems.values()):
+            counts = ", ".join(f"{len(keys)} {kind}" for kind, keys in problems.items() if keys)
+            example = next(keys[0] for keys in problems.values() if keys)
+            raise SourceError(
+                f"the {component} weights of {self.where} do not match {component}/config.json ({counts} tensors,"
+                f" e.g. {example}): re-download them, or fix the config if it does not describe them"
+            )
+        return model
+
+    def _from_pretrained(self, component: str, safetensors: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The diffusers / transformers module and its loading report (missing keys, ...)."""
         if component == "text_encoder":
             from transformers import CLIPTextModel
 
             return CLIPTextModel.from_pretrained(
-                self.root / component, dtype=torch.float32, use_safetensors=safetensors, local_files_only=True
+                self.root / component,
+                dtype=torch.float32,
+                use_safetensors=safetensors,
+                local_files_only=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported in the loading info, refused by load()
             )
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from diffusers.utils import is_accelerate_available
@@ -317,6 +397,7 @@ class _Folder:
             use_safetensors=safetensors,
             # diffusers defaults to True, then warns on every load that accelerate is missing.
             low_cpu_mem_usage=is_accelerate_available(),
+            output_loading_info=True,
         )
 
     def identity(self, component: str) -> Iterator[str]:
@@ -346,17 +427,23 @@ class _SingleFile:
         with safe_open(self.path, framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
 
+    def check_weights(self, component: str) -> None:
+        """Fail now if the file lacks one component's tensors (the header says; nothing is read)."""
+        self.config(component)
+        prefixes = _LDM_PREFIXES[component]
+        if not any(k.startswith(prefixes) for k in self.shapes):
+            raise SourceError(
+                f"{self.path} has no {component} weights ({prefixes[0]}*): convert a checkpoint that has them"
+            )
+
     def load(self, component: str) -> torch.nn.Module:
         """Map the component's tensors with diffusers' single-file converters; load exactly."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from diffusers.loaders import single_file_utils as sfu
 
         config = self.config(component)
+        self.check_weights(component)
         prefixes = _LDM_PREFIXES[component]
-        if not any(k.startswith(prefixes) for k in self.shapes):
-            raise SourceError(
-                f"{self.path} has no {component} weights ({prefixes[0]}*): convert a checkpoint that has them"
-            )
         checkpoint = self._tensors(prefixes)
         if component == "text_encoder":
             return self._load_text_encoder(checkpoint)
@@ -431,6 +518,16 @@ class Source:
     family: str  # "sd1" | "sd2"
     prediction_type: str  # from the scheduler config
     _files: _Folder | _SingleFile = field(repr=False, compare=False)
+
+    def has_config(self, component: str) -> bool:
+        """Whether the pipeline has ``component`` (``unet``, ``vae``, ``text_encoder``) at all."""
+        layout = self._layout()
+        return (layout.root / component / "config.json").is_file()
+
+    def check_weights(self, component: str) -> None:
+        """Raise ``SourceError`` unless ``component``'s weights are present and readable; cheap
+        (file headers only; a hub repo's weights are downloaded here)."""
+        self._files.check_weights(component)
 
     def unet_config(self) -> dict[str, Any]:
         return self._files.config("unet")

@@ -76,15 +76,28 @@ class UNetConfig:
         "downsample_padding": (1,),
         "num_class_embeds": (None,),
         "attention_type": ("default",),
+        "reverse_transformer_layers_per_block": (None,),
+        "encoder_hid_dim_type": (None,),
+        "resnet_skip_time_act": (False,),
+        "resnet_out_scale_factor": (1, 1.0),
+        "time_embedding_dim": (None,),
+        "time_embedding_act_fn": (None,),
+        "timestep_post_act": (None,),
+        "projection_class_embeddings_input_dim": (None,),
+        "class_embeddings_concat": (False,),
+        "mid_block_only_cross_attention": (None, False),
+        "cross_attention_norm": (None,),
     }
 
     @classmethod
     def from_diffusers(cls, cfg: dict[str, Any]) -> UNetConfig:
         for key, allowed in cls._REQUIRED.items():
             if key in cfg and cfg[key] not in allowed and not (isinstance(cfg[key], list) and not any(cfg[key])):
-                raise ValueError(f"unsupported UNet config: {key}={cfg[key]!r} (coreml-sd converts SD 1.x/2.x UNets)")
+                raise ValueError(f"unsupported UNet config: {key}={cfg[key]!r}")
         n = len(cfg["block_out_channels"])
         down, up = tuple(cfg["down_block_types"]), tuple(cfg["up_block_types"])
+        if len(down) != n or len(up) != n:
+            raise ValueError(f"unsupported UNet config: {n} block_out_channels for {len(down)} down and {len(up)} up blocks")
         for t in down:
             if t not in _DOWN:
                 raise ValueError(f"unsupported UNet down block {t!r}")

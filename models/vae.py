@@ -51,6 +51,9 @@ class VAEConfig:
             t != "UpDecoderBlock2D" for t in cfg["up_block_types"]
         ):
             raise ValueError("unsupported VAE config: only DownEncoderBlock2D / UpDecoderBlock2D blocks")
+        n, down, up = len(cfg["block_out_channels"]), len(cfg["down_block_types"]), len(cfg["up_block_types"])
+        if down != n or up != n:
+            raise ValueError(f"unsupported VAE config: {n} block_out_channels for {down} down and {up} up blocks")
         if cfg.get("shift_factor") not in (None, 0, 0.0):
             raise ValueError(f"unsupported VAE config: shift_factor={cfg['shift_factor']!r}")
         return cls(

@@ -167,7 +167,7 @@ def test_interrupted_run_leaves_no_bundle_and_resumes(tiny_sd1_dir, tmp_path, mo
     monkeypatch.setattr(converter, "to_coreml", fail_on_decoder)
     result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder")
     assert result.exit_code == 130
-    assert "interrupted" in result.stderr
+    assert f"interrupted: finished components are kept in {tmp_path / '.b.partial'}" in result.stderr
     assert not out.exists()  # no half bundle at the target
     assert (tmp_path / ".b.partial" / "TextEncoder.mlpackage").is_dir()
 
@@ -250,6 +250,20 @@ def test_stale_package_of_an_unrequested_component_is_dropped(tiny_sd1_dir, tmp_
     bundle_is_complete(out, {"TextEncoder"})
 
 
+def test_interrupted_before_staging_names_no_folder(tiny_sd1_dir, tmp_path, monkeypatch):
+    from coreml_sd.convert import source
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(source, "open_source", interrupt)
+    result = run(str(tiny_sd1_dir), "-o", str(tmp_path / "b"))
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines()[-1] == "interrupted before anything was written"
+    assert ".partial" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_overwrite_reuses_matching_components(tiny_sd1_dir, tmp_path):
     out = tmp_path / "b"
     args = [str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder"]
@@ -306,7 +320,10 @@ def test_output_exists_without_overwrite(tiny_sd1_dir, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize(("flag", "value", "fragment"), [("--height", "60", "multiple of 8"), ("--width", "72", "latent side 9")])
+@pytest.mark.parametrize(
+    ("flag", "value", "fragment"),
+    [("--height", "60", "multiple of 8"), ("--width", "72", "latent side 9"), ("--height", "0", "positive"), ("--width", "0", "positive")],
+)
 def test_bad_sizes(tiny_sd1_dir, tmp_path, flag, value, fragment):
     one_line_error(run(str(tiny_sd1_dir), "-o", str(tmp_path / "b"), flag, value), fragment)
     assert not (tmp_path / "b").exists() and not (tmp_path / ".b.partial").exists()
@@ -327,6 +344,110 @@ def test_missing_component(tiny_sd1_dir, tmp_path):
     shutil.rmtree(src / "vae")
     one_line_error(run(str(src), "-o", str(tmp_path / "b"), "--components", "text-encoder,vae-decoder"), "vae")
     assert not (tmp_path / ".b.partial").exists()
+
+
+def test_components_need_only_their_own_parts(tiny_sd1_dir, tmp_path):
+    """A text encoder converts from a pipeline without a VAE: only the VAE models need one."""
+    src = tmp_path / "novae"
+    shutil.copytree(tiny_sd1_dir, src)
+    shutil.rmtree(src / "vae")
+    out = tmp_path / "b"
+    result = run(str(src), "-o", str(out), "--components", "text-encoder")
+    assert result.exit_code == 0, result.output
+    bundle_is_complete(out, {"TextEncoder"})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["image_size"] == [64, 64]  # the tiny UNet's 8x8 latents
+    assert manifest["vae"] == {"scaling_factor": 0.18215}  # diffusers' default: no VAE to say otherwise
+
+
+def edited_copy(src: Path, dst: Path, part: str, **changes) -> Path:
+    """A copy of the pipeline ``src`` with fields of ``part``'s config.json changed."""
+    shutil.copytree(src, dst)
+    path = dst / part / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+    return dst
+
+
+def refused_before_any_work(result, tmp_path, *fragments: str) -> None:
+    one_line_error(result, *fragments)
+    assert "] load" not in result.stderr  # no component was started
+    assert not (tmp_path / "b").exists() and not (tmp_path / ".b.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("part", "changes", "component", "fragment"),
+    [
+        ("unet", {"time_cond_proj_dim": 256}, "unet", "time_cond_proj_dim=256"),  # an LCM-distilled UNet
+        ("vae", {"shift_factor": 0.1159}, "vae-decoder", "shift_factor=0.1159"),  # an SD3-style VAE
+        ("unet", {"block_out_channels": [32, 64, 64]}, "unet", "3 block_out_channels for 2 down and 2 up blocks"),
+        (
+            "vae",
+            {"block_out_channels": [16, 32, 32], "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3},
+            "vae-encoder",
+            "scales images by 4",
+        ),
+        ("text_encoder", {"hidden_act": "relu"}, "text-encoder", "hidden_act='relu'"),
+    ],
+)
+def test_unsupported_architecture_is_refused_first(tiny_sd1_dir, tmp_path, part, changes, component, fragment):
+    """Refused before the text encoder (first in order) is converted, whichever part it concerns."""
+    src = edited_copy(tiny_sd1_dir, tmp_path / "src", part, **changes)
+    result = run(str(src), "-o", str(tmp_path / "b"), "--components", f"text-encoder,{component}")
+    refused_before_any_work(result, tmp_path, fragment, "1.x and 2.x")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "missing-shard"])
+def test_broken_weight_files_are_refused_first(tiny_sd1_dir, tmp_path, damage):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_sd1_dir, src)
+    weights = src / "vae" / "diffusion_pytorch_model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        fragment = "re-download"
+    elif damage == "missing":
+        weights.unlink()
+        fragment = "no vae weights"
+    else:  # a sharded checkpoint whose index names a file that is not there
+        index = {"metadata": {}, "weight_map": {"encoder.conv_in.weight": "diffusion_pytorch_model-00001-of-00002.safetensors"}}
+        (src / "vae" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+        weights.unlink()
+        fragment = "diffusion_pytorch_model-00001-of-00002.safetensors"
+    result = run(str(src), "-o", str(tmp_path / "b"), "--components", "text-encoder,vae-decoder")
+    refused_before_any_work(result, tmp_path, fragment)
+
+
+@pytest.mark.parametrize(
+    ("part", "changes", "component", "fragments"),
+    [
+        ("vae", {"block_out_channels": [16, 16, 32, 48]}, "vae-decoder", ("cannot load the vae", "size mismatch", "vae/config.json")),
+        ("text_encoder", {"intermediate_size": 48}, "text-encoder", ("mismatched tensors", "text_encoder/config.json")),
+    ],
+)
+def test_weights_that_do_not_fit_the_config(tiny_sd1_dir, tmp_path, part, changes, component, fragments):
+    """diffusers' size-mismatch error, transformers' mismatch report: one line, nothing written."""
+    src = edited_copy(tiny_sd1_dir, tmp_path / "src", part, **changes)
+    result = run(str(src), "-o", str(tmp_path / "b"), "--components", component)
+    one_line_error(result, *fragments)
+    assert "LOAD REPORT" not in result.output and "Some weights" not in result.output
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("component", ["vae-decoder", "text-encoder"])
+def test_weights_missing_a_tensor(tiny_sd1_dir, tmp_path, component):
+    """diffusers and transformers would leave the tensor at a random value, and warn only."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_sd1_dir, src)
+    part, name = {"vae-decoder": ("vae", "diffusion_pytorch_model"), "text-encoder": ("text_encoder", "model")}[component]
+    path = src / part / f"{name}.safetensors"
+    tensors = load_file(path)
+    dropped = next(k for k in sorted(tensors) if "layer_norm1.weight" in k or "decoder.conv_in.weight" in k)
+    del tensors[dropped]
+    save_file(tensors, path, metadata={"format": "pt"})
+    result = run(str(src), "-o", str(tmp_path / "b"), "--components", component)
+    one_line_error(result, f"the {part} weights", "1 missing", "do not match")
+    assert not (tmp_path / "b").exists()
 
 
 def test_pickle_refused(tmp_path):

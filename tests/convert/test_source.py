@@ -284,6 +284,9 @@ def test_single_file_lacking_a_component(tiny_sd1_dir: Path, tmp_path: Path) -> 
     assert_same_tensors(source.load_unet(), saved_weights(tiny_sd1_dir, "unet"))
     with pytest.raises(SourceError, match=r"no vae weights \(first_stage_model\.\*\)"):
         source.load_vae()
+    source.check_weights("unet")
+    with pytest.raises(SourceError, match=r"no vae weights \(first_stage_model\.\*\)"):
+        source.check_weights("vae")  # from the header, before any tensor is read
 
 
 def test_single_file_without_config_names_the_fix(tiny_sd1_single_file: Path) -> None:
