@@ -3,11 +3,15 @@ generation parameters other Stable Diffusion tools read.
 
 The ``parameters`` text chunk follows the layout AUTOMATIC1111's web UI writes and most tools
 (ComfyUI importers, civitai, image viewers) parse: the prompt, then ``Negative prompt: ...``, then
-one line of ``Key: value`` pairs separated by ", ".
+one line of ``Key: value`` pairs separated by ", ". A value holding ',', ':' or a newline is
+written as a JSON string (quotes and backslashes escaped), the quoting that web UI writes and its
+parser undoes; a value holding '"' is quoted too (the web UI leaves it bare, and a bare value
+starting with '"' would be misread), so every value reads back exactly.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -71,8 +75,10 @@ class Parameters:
 
 
 def _quote(value) -> str:
+    """A key-value line's value: as is, or as a JSON string when it would break the line's
+    parsing (a ',' or ':' inside, a newline, or a '"' that would read as an opening quote)."""
     text = str(value)
-    return f'"{text}"' if any(c in text for c in ',:\n"') else text
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n"') else text
 
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:
@@ -82,13 +88,49 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
-def from_pil(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """An init image as encoder input (1, 3, H, W) in [-1, 1], resized to ``size`` (height, width)."""
+def crop_box(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The centered region (left, upper, right, lower) of an image of ``image_size`` (width,
+    height) that has the aspect ratio of ``target`` (width, height): the whole image when the
+    ratios agree, else the image less equal strips off both ends of its relatively longer side."""
+    (w, h), (tw, th) = image_size, target
+    if w * th > h * tw:  # wider than the target: keep the full height
+        cw, ch = h * tw / th, h
+    elif w * th < h * tw:  # taller: keep the full width
+        cw, ch = w, w * th / tw
+    else:
+        return (0, 0, w, h)
+    left, upper = (w - cw) / 2, (h - ch) / 2
+    return (left, upper, left + cw, upper + ch)
+
+
+def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` as RGB at ``size`` (height, width), never stretched: scaled to cover that size
+    keeping its aspect ratio and center-cropped (AUTOMATIC1111's "Crop and resize"); an image of
+    the right size is returned as is."""
     image = image.convert("RGB")
-    if image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.LANCZOS)
-    array = np.asarray(image, dtype=np.float32) / 255.0
+    h, w = size
+    if image.size == (w, h):
+        return image
+    return image.resize((w, h), Image.LANCZOS, box=crop_box(image.size, (w, h)))
+
+
+def from_pil(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """An init image as encoder input (1, 3, H, W) in [-1, 1], fitted to ``size`` (height, width)
+    by ``fit_image``."""
+    array = np.asarray(fit_image(image, size), dtype=np.float32) / 255.0
     return (array * 2 - 1).transpose(2, 0, 1)[None]
+
+
+def prepare_output(directory: Path) -> Path:
+    """Create ``directory`` if needed and check that files can be created in it (raises
+    ``OSError``: a file in the way, no permission, a read-only or full file system), so that a
+    bad output folder is found before any work, not after it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(prefix=".tmp-", dir=directory) as probe:
+        probe.write(b"\0")
+        probe.flush()
+    return directory
 
 
 def slug(prompt: str, limit: int = 60) -> str:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -8,7 +10,9 @@ import torch
 from PIL import Image
 
 from coreml_sd.runtime import image as img
-from coreml_sd.runtime.image import Parameters, from_pil, read_parameters, save_png, slug, to_pil
+from coreml_sd.runtime.image import (
+    Parameters, crop_box, fit_image, from_pil, prepare_output, read_parameters, save_png, slug, to_pil,
+)
 
 PARAMS = Parameters("a cat, sitting", "blurry", 20, "euler-a", 7.5, 42, 512, 768, "sd15", strength=0.6)
 
@@ -22,6 +26,24 @@ def test_infotext_layout_other_tools_parse():
     # A value with a comma is quoted so the key-value line still splits.
     quoted = Parameters("p", "", 1, "ddim", 1.0, 1, 8, 8, "org/model, v2").infotext()
     assert 'Model: "org/model, v2"' in quoted and "Negative prompt" not in quoted
+
+
+# The key-value line as readers of this format parse it: `Key: value` separated by ", ", where a
+# value is either a double-quoted JSON string (escapes included) or runs to the next comma.
+PAIR = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def read_pairs(line: str) -> dict[str, str]:
+    return {k: json.loads(v) if v.startswith('"') else v for k, v in PAIR.findall(line)}
+
+
+@pytest.mark.parametrize("model", ['org/model, v2', 'a "quoted" name', 'trailing "', 'C:\\models\\sd', 'plain'])
+def test_every_value_reads_back_exactly(model):
+    line = Parameters("p", "", 1, "ddim", 7.5, 3, 8, 8, model).infotext().splitlines()[-1]
+    fields = read_pairs(line)
+    assert fields["Model"] == model and fields["Seed"] == "3" and fields["Version"] == "coreml-sd"
+    if model == "plain":
+        assert "Model: plain," in line  # only values that need it are quoted
 
 
 def test_to_pil_rounds_like_diffusers():
@@ -40,6 +62,34 @@ def test_from_pil_range_and_resize():
     assert x.shape == (1, 3, 2, 4) and x.dtype == np.float32
     assert x[0, 0].min() == -1.0 and x[0, 1].max() == 1.0
     assert from_pil(image, (8, 16)).shape == (1, 3, 8, 16)
+
+
+def test_crop_box():
+    assert crop_box((640, 480), (512, 512)) == (80, 0, 560, 480)  # wider: equal strips off left and right
+    assert crop_box((480, 640), (512, 512)) == (0, 80, 480, 560)
+    assert crop_box((1024, 1024), (512, 512)) == (0, 0, 1024, 1024)
+    assert crop_box((1000, 500), (768, 512)) == (125, 0, 875, 500)  # 3:2 of a 2:1 image
+
+
+def test_fit_image_crops_the_center_and_never_stretches():
+    # Columns: 2 red, 4 blue, 2 green; fitting to a 4x4 square keeps exactly the blue centre.
+    row = [[255, 0, 0]] * 2 + [[0, 0, 255]] * 4 + [[0, 255, 0]] * 2
+    wide = Image.fromarray(np.array([row] * 4, np.uint8))
+    np.testing.assert_array_equal(np.asarray(fit_image(wide, (4, 4))), np.full((4, 4, 3), [0, 0, 255], np.uint8))
+    # Same aspect ratio: a plain resize, nothing cut.
+    same = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 32, 3), dtype=np.uint8))
+    np.testing.assert_array_equal(np.asarray(fit_image(same, (8, 16))), np.asarray(same.resize((16, 8), Image.LANCZOS)))
+    assert fit_image(same.convert("L"), (16, 32)).mode == "RGB"
+
+
+def test_prepare_output(tmp_path):
+    assert prepare_output(tmp_path / "a" / "b").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        prepare_output(tmp_path / "file" / "sub")
+    with pytest.raises(FileExistsError):
+        prepare_output(tmp_path / "file")
+    assert not [p for p in (tmp_path / "a" / "b").iterdir()]  # the write probe leaves nothing
 
 
 def test_slug():
