@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ def verify_files(bundle: Path, files: dict[str, str], prefix: str = "") -> None:
 # ------------------------------------------------------------------ opening a bundle for the runtime
 
 # Apple's python converter names packages "Stable_Diffusion_version_<model>_<submodule>.mlpackage".
+_APPLE_PREFIX = "Stable_Diffusion_version_"
 _APPLE_SUBMODULES = {
     "TextEncoder": ("text_encoder",),
     "Unet": ("unet",),
@@ -163,23 +165,33 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
 
 def _open_ours(root: Path, verify: bool) -> Bundle:
     manifest = read_manifest(root)
+    files = _field(root, manifest, "files", lambda v: isinstance(v, dict) and all(
+        _relative(k) and isinstance(h, str) for k, h in v.items()), "a table of file -> sha256")
     if verify:
-        verify_cached(root, manifest["files"])
+        verify_cached(root, files)
+    components = _field(root, manifest, "components", lambda v: isinstance(v, dict), "a table of components")
     models = {}
-    for name, entry in manifest["components"].items():
-        files = ModelFiles()
-        if entry.get("package"):
-            files.packages.append(root / entry["package"])
-        if entry.get("compiled"):
-            files.compiled.append(root / entry["compiled"])
-        models[name] = files
+    for name in components:
+        files_of = ModelFiles()
+        for key, into in (("package", files_of.packages), ("compiled", files_of.compiled)):
+            rel = _field(root, manifest, f"components.{name}.{key}", lambda v: v is None or _relative(v), "a path inside the bundle", required=False)
+            if rel:
+                into.append(root / rel)
+        models[name] = files_of
     try:
         scheduler = json.loads((root / SCHEDULER_CONFIG).read_text())
     except (OSError, ValueError) as exc:
         raise BundleError(f"{root}: unreadable {SCHEDULER_CONFIG} ({exc}); re-run 'coreml-sd convert'") from None
-    source = manifest.get("source", {})
-    name = Path(str(source.get("id", root.name))).name if source.get("kind") != "hub" else source["id"]
-    h, w = manifest["image_size"]
+    if not isinstance(scheduler, dict):
+        raise BundleError(f"{root}: {SCHEDULER_CONFIG} is not a JSON object; re-run 'coreml-sd convert'")
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    source_id = source.get("id")
+    if isinstance(source_id, str) and source_id:
+        name = source_id if source.get("kind") == "hub" else Path(source_id).name
+    else:
+        name = root.resolve().name
+    h, w = _field(root, manifest, "image_size", lambda v: isinstance(v, list) and len(v) == 2 and all(_positive(d) and d % 8 == 0 for d in v),
+                  "[height, width] in pixels, multiples of 8")
     return Bundle(
         path=root,
         layout="coreml-sd",
@@ -187,15 +199,61 @@ def _open_ours(root: Path, verify: bool) -> Bundle:
         vocab=root / VOCAB,
         merges=root / MERGES,
         scheduler_config=scheduler,
-        family=manifest["family"],
-        prediction_type=manifest["prediction_type"],
+        family=_field(root, manifest, "family", lambda v: v in ("sd1", "sd2", "sdxl"), "sd1, sd2 or sdxl"),
+        prediction_type=_field(root, manifest, "prediction_type", lambda v: v in ("epsilon", "v_prediction", "sample"),
+                               "epsilon, v_prediction or sample"),
         image_size=(h, w),
-        unet_batch=manifest["unet_batch"],
-        pad_token=manifest["tokenizer"]["pad_token"],
-        vae_scaling=manifest["vae"]["scaling_factor"],
+        unet_batch=_field(root, manifest, "unet_batch", lambda v: v in (1, 2) and not isinstance(v, bool), "1 or 2"),
+        pad_token=_field(root, manifest, "tokenizer.pad_token", lambda v: isinstance(v, str) and v != "", "a token"),
+        vae_scaling=float(_field(root, manifest, "vae.scaling_factor", _positive_number, "a positive number")),
         name=name,
         manifest=manifest,
     )
+
+
+def _field(root: Path, manifest: dict[str, Any], dotted: str, valid, expected: str, required: bool = True) -> Any:
+    """``manifest[a][b]...`` for ``dotted`` = "a.b...", checked by ``valid``; a missing (if
+    ``required``) or malformed field is a ``BundleError`` naming it."""
+    value: Any = manifest
+    keys = dotted.split(".")
+    for depth, key in enumerate(keys):
+        here = ".".join(keys[: depth + 1])
+        if not isinstance(value, dict):
+            parent = ".".join(keys[:depth])
+            raise BundleError(f"{root}: {MANIFEST} field {parent!r} is {_show(value)}, expected a table; {_RECONVERT}")
+        if key not in value:
+            if not required:
+                return None
+            raise BundleError(f"{root}: {MANIFEST} has no field {here!r}; the bundle is damaged or not ours, {_RECONVERT}")
+        value = value[key]
+    try:
+        ok = bool(valid(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise BundleError(f"{root}: {MANIFEST} field {dotted!r} is {_show(value)}, expected {expected}; {_RECONVERT}")
+    return value
+
+
+_RECONVERT = "re-convert the bundle with 'coreml-sd convert'"
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _relative(path: Any) -> bool:
+    """A POSIX path that stays inside the bundle."""
+    return isinstance(path, str) and path != "" and not path.startswith("/") and ".." not in path.split("/")
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _apple_models(root: Path, layout: str) -> dict[str, ModelFiles]:
@@ -230,19 +288,21 @@ def _open_apple(root: Path, layout: str) -> Bundle:
         raise BundleError(f"{root}: no {', '.join(missing)} model in this {layout} folder; it is not a complete pipeline")
     # Tokenizer files sit beside compiled models; Apple's packages/ folders have none, so look in
     # the sibling compiled/ folder too.
-    candidates = [root, root.parent / "compiled", root.parent]
+    here = root.resolve()  # "." has no parent to look beside
+    candidates = [here, here.parent / "compiled", here.parent]
     tokenizer = next((d for d in candidates if (d / VOCAB).is_file() and (d / MERGES).is_file()), None)
     if tokenizer is None:
         raise BundleError(f"{root}: no {VOCAB} and {MERGES} here or in ../compiled; copy the CLIP tokenizer files beside the models")
     unet = _describe(models["Unet"])
     text = _describe(models["TextEncoder"])
-    sample = unet[0]["sample"]
+    sample = unet[0].get("sample")
+    if sample is None or len(sample) != 4:
+        raise BundleError(f"{root}: the UNet has no (batch, 4, height, width) 'sample' input; it is not a Stable Diffusion UNet")
     hidden = text[1].get("last_hidden_state")
     if hidden is None:
         raise BundleError(f"{root}: the text encoder has no last_hidden_state output (SDXL bundles are not supported)")
     family = "sd2" if hidden[-1] == 1024 else "sd1"
-    model = next(iter(models["Unet"].packages or models["Unet"].compiled)).name
-    name = model.removeprefix("Stable_Diffusion_version_").rsplit("_unet", 1)[0] if layout == "apple-packages" else root.parent.name or root.name
+    name = _apple_name(root, models["Unet"])
     return Bundle(
         path=root,
         layout=layout,
@@ -259,6 +319,33 @@ def _open_apple(root: Path, layout: str) -> Bundle:
         vae_scaling=0.18215,
         name=name,
     )
+
+
+# Folder names in Apple's repositories and app bundles that say nothing about the model.
+_GENERIC_FOLDERS = {"compiled", "packages", "original", "split_einsum", "split_einsum_v2", "resources", "models"}
+
+
+def _apple_name(root: Path, unet: ModelFiles) -> str:
+    """The model's name for image metadata: from Apple's file names
+    (``Stable_Diffusion_version_<model>_unet.mlpackage``), or the class name the Core ML
+    compiler records for a compiled UNet (the same string), else the nearest folder name that is
+    not one of the layout's own (``compiled``, ``split_einsum``, ``Resources``, ...)."""
+    stem = unet.packages[0].stem if unet.packages else _generated_class_name(unet.compiled[0])
+    if stem and stem.startswith(_APPLE_PREFIX):
+        return re.sub(r"_unet(_chunk\d)?$", "", stem.removeprefix(_APPLE_PREFIX))
+    folders = [root.resolve(), *root.resolve().parents]
+    return next((f.name for f in folders if f.name and f.name.lower() not in _GENERIC_FOLDERS), "model")
+
+
+def _generated_class_name(compiled: Path) -> str | None:
+    """``generatedClassName`` from a compiled model's ``metadata.json`` (None if unreadable)."""
+    try:
+        meta = json.loads((compiled / "metadata.json").read_text())
+        meta = meta[0] if isinstance(meta, list) else meta
+        name = meta.get("generatedClassName")
+    except (OSError, ValueError, AttributeError, IndexError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _describe(files: ModelFiles) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
