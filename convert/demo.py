@@ -13,19 +13,22 @@ from pathlib import Path
 import click
 
 from ..runtime.backends import BACKENDS
+from ..runtime.schedulers import SCHEDULER_NAMES
 
 
 @click.command()
 @click.option("--dir", "root", default=Path("demo"), show_default=True, type=click.Path(path_type=Path), help="Working folder.")
 @click.option("--prompt", default="a lighthouse on a cliff at sunset, oil painting", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--steps", default=20, show_default=True, type=int)
-@click.option("--scheduler", default="dpmpp-2m-karras", show_default=True)
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--scheduler", default="dpmpp-2m-karras", show_default=True, type=click.Choice(SCHEDULER_NAMES))
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 def demo(root: Path, prompt: str, seed: int, steps: int, scheduler: str, backend: str) -> None:
     """Build a tiny model, convert it to Core ML, and generate an image with it."""
+    from ..runtime.backends import BackendError
+    from ..runtime.bundle import BundleError
     from ..runtime.image import save_png
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.pipeline import GenerationError, Pipeline
     from .converter import ConvertOptions, Progress, convert
     from .source import open_source
     from .tiny import build_tiny_pipeline
@@ -42,13 +45,19 @@ def demo(root: Path, prompt: str, seed: int, steps: int, scheduler: str, backend
     say(f"converting it to a Core ML bundle in {bundle}")
     convert(open_source(str(model)), bundle, ConvertOptions(overwrite=True), Progress(say))
 
-    pipe = Pipeline.from_bundle(bundle, backend=backend)
-    run = pipe.start(prompt, steps=steps, seed=seed, scheduler=scheduler)
-    with click.progressbar(length=len(run.timesteps), label=f"generating ({pipe.backend})", file=click.get_text_stream("stderr")) as bar:
-        for _ in run:
-            bar.update(1)
-    result = run.finish()
-    path = save_png(result.images[0], result.parameters[0], root / "images")
+    try:
+        pipe = Pipeline.from_bundle(bundle, backend=backend)
+        run = pipe.start(prompt, steps=steps, seed=seed, scheduler=scheduler)
+        with click.progressbar(length=run.remaining, label=f"generating ({pipe.backend})", file=click.get_text_stream("stderr")) as bar:
+            for _ in run:
+                bar.update(1)
+        result = run.finish()
+    except (BackendError, BundleError, GenerationError) as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        path = save_png(result.images[0], result.parameters[0], root / "images")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the image to {root / 'images'}: {exc.strerror or exc}; pass another --dir") from None
     t = result.timings.as_dict()
     say(f"unet {t['unet_s_per_step'] * 1000:.0f} ms/step, other {t['host_s_per_step'] * 1000:.1f} ms/step; "
         f"done in {time.perf_counter() - start:.0f}s")

@@ -5,8 +5,14 @@
 
     run = pipe.start("a photo of a cat", steps=20, seed=42)       # the generator form
     for step in run:                                              # one Step per denoising step
-        print(step.index, step.total, step.latents.shape)        # stop early by breaking
-    result = run.finish()                                         # decode
+        print(step.index, step.total, step.latents.shape)        # pause by breaking ...
+    for step in run:                                              # ... iterate again to resume
+        pass
+    result = run.finish()                                         # decode (wherever it stopped)
+
+A request is checked by ``check_request`` against the bundle alone, before any model is loaded:
+``coreml-sd generate`` calls it ahead of ``Pipeline(...)``, which loads models eagerly (unless
+``reduce_memory``), so a bad option costs nothing; ``Pipeline.start`` calls the same function.
 
 The arithmetic follows diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline on CPU,
 including the order in which noise is drawn from the seed's stream, so that a seed gives the same
@@ -16,8 +22,10 @@ from the bundle.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +36,12 @@ from PIL import Image
 
 from .backends import ChainedModel, Model, default_backend, load_model
 from .bundle import Bundle, BundleError, ModelFiles, open_bundle
-from .image import Parameters, from_pil, to_pil
+from .image import Parameters, fit_image, from_pil, to_pil
 from .random import make_rng
-from .schedulers import SCHEDULER_NAMES, from_config
+from .schedulers import SCHEDULER_NAMES, Scheduler, from_config
 from .tokenizer import CLIPTokenizer
+
+REQUIRED = ("TextEncoder", "Unet", "VAEDecoder")
 
 
 class GenerationError(Exception):
@@ -48,6 +58,9 @@ class Step:
 
 @dataclass
 class Timings:
+    """Seconds spent on one generation; ``load`` counts only models loaded during it (all of
+    them with ``reduce_memory``, none for a pipeline that loaded eagerly: see ``Pipeline.load_time``)."""
+
     load: float = 0.0
     text_encoder: float = 0.0
     vae_encoder: float = 0.0
@@ -74,6 +87,121 @@ class Result:
     parameters: list[Parameters]  # one per image
     timings: Timings
     truncated: str  # prompt text cut at the 77-token limit ("" if none)
+    negative_truncated: str = ""  # likewise for the negative prompt (when guidance uses it)
+
+
+# ------------------------------------------------------------------ requests
+
+
+@dataclass(frozen=True)
+class Request:
+    """A generation request checked against a bundle (see ``check_request``); reusable: the
+    same request gives the same images every time."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    scheduler: str | None  # None: the bundle's own
+    seed: int
+    num_images: int
+    init_image: Image.Image | None  # already fitted to the bundle's image size
+    strength: float | None  # img2img only
+    rng: str
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance on; as in diffusers, a scale <= 1 runs the text branch only
+        (and the negative prompt is not used)."""
+        return self.guidance_scale > 1.0
+
+
+def check_request(
+    bundle: Bundle,
+    prompt: str,
+    negative_prompt: str = "",
+    steps: int = 20,
+    guidance_scale: float = 7.5,
+    scheduler: str | None = None,
+    seed: int | None = None,
+    num_images: int = 1,
+    init_image: Image.Image | str | Path | None = None,
+    strength: float = 0.75,
+    rng: str = "torch",
+    height: int | None = None,
+    width: int | None = None,
+) -> Request:
+    """Validate a request against ``bundle`` without loading any model: raises ``GenerationError``
+    (one line naming the fix) for anything the bundle cannot serve. Reads the init image (and
+    fits it to the bundle's size, see ``image.fit_image``); a missing seed becomes a random one."""
+    if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+        raise GenerationError("the prompt and negative prompt must be text")
+    h, w = bundle.image_size
+    if (height or h, width or w) != (h, w):
+        raise GenerationError(
+            f"this bundle was converted for {w}x{h} images; re-convert with --width/--height to generate {width or w}x{height or h}"
+        )
+    if not _whole(steps) or steps < 1:
+        raise GenerationError(f"steps must be a whole number >= 1, got {steps!r}")
+    if not _whole(num_images) or num_images < 1:
+        raise GenerationError(f"the number of images must be a whole number >= 1, got {num_images!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise GenerationError(f"the guidance scale must be a finite number, got {guidance_scale!r}")
+    if seed is not None and not _whole(seed):
+        raise GenerationError(f"the seed must be a whole number, got {seed!r}")
+    seed = secrets.randbelow(2**32) if seed is None else int(seed)
+    steps, num_images = int(steps), int(num_images)
+    try:
+        make_rng(seed, rng)  # the seed's range and the rng kind, as the generator itself checks them
+    except (ValueError, TypeError) as exc:
+        raise GenerationError(str(exc)) from None
+    sched = make_scheduler(bundle, scheduler)
+    if init_image is None:
+        return Request(prompt, negative_prompt, steps, float(guidance_scale), scheduler, seed, num_images, None, None, rng)
+    if not bundle.has("VAEEncoder"):
+        raise GenerationError(
+            f"{bundle.path}: image-to-image needs a VAEEncoder; re-convert with --components including vae-encoder"
+        )
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise GenerationError(f"strength must be in (0, 1], got {strength!r}")
+    sched.set_timesteps(steps)
+    try:
+        sched.img2img_start(strength)
+    except ValueError as exc:
+        raise GenerationError(f"{exc}; raise --strength or --steps") from None
+    image = read_image(init_image) if isinstance(init_image, (str, Path)) else init_image
+    if not isinstance(image, Image.Image):
+        raise GenerationError(f"init_image must be a PIL image or a path, got {type(image).__name__}")
+    return Request(prompt, negative_prompt, steps, float(guidance_scale), scheduler, seed, num_images,
+                   fit_image(image, bundle.image_size), float(strength), rng)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def make_scheduler(bundle: Bundle, name: str | None) -> Scheduler:
+    """A fresh scheduler: ``name`` (None: the bundle's own algorithm) on the bundle's noise schedule."""
+    if name is not None and name not in SCHEDULER_NAMES:
+        raise GenerationError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULER_NAMES)}")
+    config = {**bundle.scheduler_config, "prediction_type": bundle.prediction_type}
+    try:
+        return from_config(config, name)
+    except (ValueError, TypeError) as exc:
+        raise GenerationError(f"{bundle.path}: {exc}") from None
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An image file, fully read (the file is closed on return)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError) as exc:
+        raise GenerationError(f"cannot read init image {path}: {exc}") from None
+
+
+# ------------------------------------------------------------------ the pipeline
 
 
 class _Slot:
@@ -82,11 +210,13 @@ class _Slot:
     def __init__(self, pipe: Pipeline, name: str):
         self.pipe, self.name, self.model = pipe, name, None
 
-    def get(self) -> Model:
+    def get(self, timings: Timings | None = None) -> Model:
+        """The model, loading it first if needed (the time spent goes to ``timings.load``)."""
         if self.model is None:
             t = time.perf_counter()
             self.model = self.pipe._load(self.name)
-            self.pipe.timings_load += time.perf_counter() - t
+            if timings is not None:
+                timings.load += time.perf_counter() - t
         return self.model
 
     def release(self) -> None:
@@ -95,17 +225,34 @@ class _Slot:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, backend: str, compute_units: str, reduce_memory: bool):
+    """Models of one bundle on one backend. Without ``reduce_memory`` the text encoder, UNet and
+    VAE decoder load on construction (``load_time`` seconds) and are reused by every request; with
+    it, each model loads just before use and is released after."""
+
+    def __init__(self, bundle: Bundle, backend: str = "auto", compute_units: str = "CPU_AND_NE", reduce_memory: bool = False):
+        missing = [name for name in REQUIRED if not bundle.has(name)]
+        if missing:
+            raise BundleError(f"{bundle.path}: the bundle has no {', '.join(missing)}; convert it with those components")
         self.bundle = bundle
         self.backend = default_backend() if backend == "auto" else backend
         self.compute_units = compute_units
         self.reduce_memory = reduce_memory
-        self.timings_load = 0.0
+        if self.backend != "coreml":
+            compiled_only = [n for n, f in bundle.models.items() if n in REQUIRED and not f.packages]
+            if compiled_only:
+                raise GenerationError(
+                    f"{bundle.path}: {', '.join(compiled_only)} {'exists' if len(compiled_only) == 1 else 'exist'} only as "
+                    "compiled .mlmodelc, which only the coreml "
+                    "backend (macOS) runs; use the .mlpackage files (Apple's packages/ folder) with the mil backend"
+                )
         self.tokenizer = CLIPTokenizer.from_files(bundle.vocab, bundle.merges, pad_token=bundle.pad_token)
         self.slots = {name: _Slot(self, name) for name in bundle.models}
+        self.load_time = 0.0  # seconds spent loading on construction
         if not reduce_memory:
-            for name in ("TextEncoder", "Unet", "VAEDecoder"):
+            t = time.perf_counter()
+            for name in REQUIRED:
                 self.slots[name].get()
+            self.load_time = time.perf_counter() - t
 
     @classmethod
     def from_bundle(
@@ -116,11 +263,7 @@ class Pipeline:
         reduce_memory: bool = False,
         verify: bool = True,
     ) -> Pipeline:
-        bundle = open_bundle(path, verify=verify)
-        for name in ("TextEncoder", "Unet", "VAEDecoder"):
-            if not bundle.has(name):
-                raise BundleError(f"{bundle.path}: the bundle has no {name}; convert it with that component")
-        return cls(bundle, backend, compute_units, reduce_memory)
+        return cls(open_bundle(path, verify=verify), backend, compute_units, reduce_memory)
 
     def _load(self, name: str) -> Model:
         files: ModelFiles = self.bundle.models[name]
@@ -137,65 +280,21 @@ class Pipeline:
 
     # ------------------------------------------------------------------ the API
 
-    def __call__(self, prompt: str, **kwargs) -> Result:
-        run = self.start(prompt, **kwargs)
+    def __call__(self, prompt: str, **options) -> Result:
+        run = self.start(prompt, **options)
         for _ in run:
             pass
         return run.finish()
 
-    def start(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        steps: int = 20,
-        guidance_scale: float = 7.5,
-        scheduler: str | None = None,
-        seed: int | None = None,
-        num_images: int = 1,
-        init_image: Image.Image | str | Path | None = None,
-        strength: float = 0.75,
-        rng: str = "torch",
-        height: int | None = None,
-        width: int | None = None,
-    ) -> Generation:
-        """Validate a request and prepare it; iterate the result to denoise, then ``finish()``."""
-        bundle = self.bundle
-        if (height or bundle.image_size[0], width or bundle.image_size[1]) != bundle.image_size:
-            h, w = bundle.image_size
-            raise GenerationError(
-                f"this bundle was converted for {w}x{h} images; re-convert with --width/--height to generate {width or w}x{height or h}"
-            )
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise GenerationError(f"steps must be a whole number >= 1, got {steps!r}")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise GenerationError(f"the number of images must be >= 1, got {num_images!r}")
-        if scheduler is not None and scheduler not in SCHEDULER_NAMES:
-            raise GenerationError(f"unknown scheduler {scheduler!r}: use one of {', '.join(SCHEDULER_NAMES)}")
-        if init_image is not None and not bundle.has("VAEEncoder"):
-            raise GenerationError(
-                f"{bundle.path}: image-to-image needs a VAEEncoder; re-convert with --components including vae-encoder"
-            )
-        if init_image is not None and not 0.0 < strength <= 1.0:
-            raise GenerationError(f"strength must be in (0, 1], got {strength}")
-        config = {**bundle.scheduler_config, "prediction_type": bundle.prediction_type}
-        try:
-            sched = from_config(config, scheduler)
-        except ValueError as exc:
-            raise GenerationError(str(exc)) from None
-        if isinstance(init_image, (str, Path)):
-            init_image = _read_image(Path(init_image))
-        seed = secrets.randbelow(2**32) if seed is None else int(seed)
-        return Generation(self, prompt, negative_prompt, steps, float(guidance_scale), sched, seed, num_images,
-                          init_image, float(strength), rng)
+    def start(self, prompt: str, **options) -> Generation:
+        """Check a request (``check_request``'s options) and prepare it; iterate the result to
+        denoise, then ``finish()``."""
+        return self.generate(check_request(self.bundle, prompt, **options))
 
-
-def _read_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, ValueError) as exc:
-        raise GenerationError(f"cannot read init image {path}: {exc}") from None
+    def generate(self, request: Request) -> Generation:
+        """Prepare a request checked against this pipeline's bundle: text encoded, starting
+        latents drawn."""
+        return Generation(self, request)
 
 
 class _PrefetchedNoise:
@@ -203,14 +302,22 @@ class _PrefetchedNoise:
     overlaps the UNet call instead of adding to the step (the torch-compatible generator costs
     ~2 ms per 64x64 draw). Draws happen in the same order and shapes as without prefetching: the
     stream is unchanged. Used only for schedulers that draw exactly one latent-shaped noise per
-    step; any other request is served directly after the pending draw is taken back."""
+    step.
 
-    def __init__(self, rng, shape: tuple[int, ...]):
-        from concurrent.futures import ThreadPoolExecutor
+    ``close()`` hands back the draw made ahead and not yet used; passing it as ``first`` to the
+    next prefetcher (denoising resumed after a pause) keeps the stream exactly as if the run had
+    never stopped."""
+
+    def __init__(self, rng, shape: tuple[int, ...], first: np.ndarray | None = None):
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         self.rng, self.shape = rng, tuple(shape)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coreml-sd-noise")
-        self.pending = self.pool.submit(rng.randn, self.shape)
+        if first is None:
+            self.pending = self.pool.submit(rng.randn, self.shape)
+        else:
+            self.pending = Future()
+            self.pending.set_result(first)
 
     def randn(self, shape) -> np.ndarray:
         noise = self.pending.result()
@@ -219,60 +326,72 @@ class _PrefetchedNoise:
         self.pending = self.pool.submit(self.rng.randn, self.shape)
         return noise
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
+    def close(self) -> np.ndarray:
+        """Stop the thread; return the noise drawn ahead (the stream's next draw)."""
+        try:
+            return self.pending.result()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 class Generation:
-    """One request: text encoded and latents prepared on construction, denoised by iterating."""
+    """One request: text encoded and latents prepared on construction, denoised by iterating,
+    decoded by ``finish()``.
 
-    def __init__(self, pipe: Pipeline, prompt, negative_prompt, steps, guidance, sched, seed, n, init_image, strength, rng):
-        self.pipe, self.sched, self.steps, self.guidance = pipe, sched, steps, guidance
-        self.prompt, self.negative_prompt, self.seed, self.n = prompt, negative_prompt, seed, n
-        self.strength = strength if init_image is not None else None
-        self.rng_kind = rng
+    Iterating runs the remaining steps. Stopping early (``break``) pauses: the UNet is released
+    (with ``reduce_memory``), and iterating again resumes from the next step with the same result
+    as an uninterrupted run. ``finish()`` decodes the latents as they are; after it, iterating
+    raises ``GenerationError``.
+    """
+
+    def __init__(self, pipe: Pipeline, request: Request):
+        self.pipe, self.request = pipe, request
+        self.seed, self.n, self.guidance = request.seed, request.num_images, request.guidance_scale
+        self.sched = make_scheduler(pipe.bundle, request.scheduler)
         self.timings = Timings()
-        self.done = False
+        self.position = 0  # steps done
+        self._active: weakref.ref | None = None  # the iteration under way or paused, while referenced
+        self._spare_noise: np.ndarray | None = None  # drawn ahead by a paused iteration
+        self._broken = False
+        self._result: Result | None = None
         bundle = pipe.bundle
-        h, w = bundle.latent_size
-        self.cfg = guidance > 1.0  # as diffusers: guidance of 1 or less runs the text branch only
-        try:
-            self.rng = make_rng(seed, rng)
-        except ValueError as exc:
-            raise GenerationError(str(exc)) from None
+        self.rng = make_rng(request.seed, request.rng)
 
-        # 1. Text embeddings, (1, C, 1, 77) each: the UNet's layout.
+        # 1. Text embeddings, (1, C, 1, 77) each: the UNet's layout. As diffusers: guidance of 1
+        #    or less runs the text branch only, so the negative prompt is not even encoded.
         t = time.perf_counter()
-        tokens = pipe.tokenizer.tokenize(prompt)
+        slot = pipe.slots["TextEncoder"]
+        encoder = slot.get(self.timings)
+        tokens = pipe.tokenizer.tokenize(request.prompt)
         self.truncated = tokens.truncated
-        encoder = pipe.slots["TextEncoder"].get()
-        cond = self._embed(encoder, tokens.ids)
-        uncond = self._embed(encoder, pipe.tokenizer.encode(negative_prompt)) if self.cfg else None
-        pipe.slots["TextEncoder"].release()
+        self.cond = self._embed(encoder, tokens.ids)
+        self.uncond, self.negative_truncated = None, ""
+        if request.guided:
+            negative = pipe.tokenizer.tokenize(request.negative_prompt)
+            self.uncond, self.negative_truncated = self._embed(encoder, negative.ids), negative.truncated
+        slot.release()
         self.timings.text_encoder = time.perf_counter() - t
-        self.cond, self.uncond = cond, uncond
 
         # 2. Schedule and starting latents, drawing noise in the reference pipelines' order.
-        sched.set_timesteps(steps)
-        shape = (n, 4, h, w)
-        if init_image is None:
-            self.timesteps = sched.timesteps
-            self.latents = self.rng.randn(shape).astype(np.float32) * np.float32(sched.init_noise_sigma)
+        self.sched.set_timesteps(request.steps)
+        h, w = bundle.latent_size
+        shape = (self.n, 4, h, w)
+        if request.init_image is None:
+            self.timesteps = self.sched.timesteps
+            self.latents = self.rng.randn(shape).astype(np.float32) * np.float32(self.sched.init_noise_sigma)
         else:
             t = time.perf_counter()
-            encoder = pipe.slots["VAEEncoder"].get()
-            moments = encoder.predict({"x": from_pil(init_image, bundle.image_size)})["latent"].astype(np.float32)
-            pipe.slots["VAEEncoder"].release()
+            slot = pipe.slots["VAEEncoder"]
+            moments = slot.get(self.timings).predict({"x": from_pil(request.init_image, bundle.image_size)})["latent"]
+            slot.release()
+            moments = moments.astype(np.float32)  # (1, 8, h, w): mean and log-variance
             mean, logvar = moments[:, :4], np.clip(moments[:, 4:], -30.0, 20.0)
             sample = mean + np.exp(0.5 * logvar) * self.rng.randn(mean.shape)  # the latent distribution's sample
-            init = np.repeat(sample * np.float32(bundle.vae_scaling), n, axis=0).astype(np.float32)
-            try:
-                start = sched.img2img_start(strength)
-            except ValueError as exc:
-                raise GenerationError(f"{exc}; raise --strength or --steps") from None
-            self.timesteps = sched.timesteps[start:]
+            init = np.repeat(sample * np.float32(bundle.vae_scaling), self.n, axis=0).astype(np.float32)
+            start = self.sched.img2img_start(request.strength)  # checked by check_request
+            self.timesteps = self.sched.timesteps[start:]
             t0 = self.timesteps[0]
-            self.latents = sched.add_noise(init, self.rng.randn(shape), np.full(n, t0)).astype(np.float32)
+            self.latents = self.sched.add_noise(init, self.rng.randn(shape), np.full(self.n, t0)).astype(np.float32)
             self.timings.vae_encoder = time.perf_counter() - t
 
     @staticmethod
@@ -280,32 +399,70 @@ class Generation:
         hidden = encoder.predict({"input_ids": np.asarray([ids], dtype=np.float32)})["last_hidden_state"]
         return hidden.astype(np.float32).transpose(0, 2, 1)[:, :, None, :]  # (1, 77, C) -> (1, C, 1, 77)
 
+    @property
+    def remaining(self) -> int:
+        """Denoising steps not yet run."""
+        return len(self.timesteps) - self.position
+
     # ------------------------------------------------------------------ denoising
 
     def __iter__(self) -> Iterator[Step]:
-        if self.done:
+        if self._result is not None:
+            raise GenerationError("this generation is finished (decoded); start a new one for more steps")
+        if self._broken:
+            raise GenerationError("a step of this generation failed, so it cannot continue; start a new one")
+        self._close_active()  # one iteration at a time: one still referenced pauses where it is
+        iteration = self._denoise()
+        # Weakly held, so that a caller's `break` drops the last reference and the iteration's
+        # `finally` runs at once (releasing the UNet), as for any generator.
+        self._active = weakref.ref(iteration)
+        return iteration
+
+    def _close_active(self) -> None:
+        iteration = self._active() if self._active is not None else None
+        if iteration is not None:
+            iteration.close()
+        self._active = None
+
+    def _denoise(self) -> Iterator[Step]:
+        if not self.remaining:
             return
-        unet = self.pipe.slots["Unet"].get()
-        total = len(self.timesteps)
-        noise = _PrefetchedNoise(self.rng, self.latents.shape) if self.sched.needs_rng else None
-        try:
-            for i, t in enumerate(self.timesteps):
-                start = time.perf_counter()
-                model_time = [0.0]
-                x = self.sched.scale_model_input(self.latents, t)
-                pred = self._predict(unet, x, float(t), model_time)
-                self.latents = self.sched.step(pred, t, self.latents, rng=noise or self.rng)
-                self.timings.unet.append(model_time[0])
-                self.timings.host.append(time.perf_counter() - start - model_time[0])
-                yield Step(i + 1, total, float(t), self.latents)
+        slot = self.pipe.slots["Unet"]
+        noise = None
+        try:  # whatever ends this iteration (last step, break, error) releases what it holds
+            unet = slot.get(self.timings)
+            if self.sched.needs_rng:
+                noise = _PrefetchedNoise(self.rng, self.latents.shape, first=self._spare_noise)
+                self._spare_noise = None
+            while self.remaining:
+                try:
+                    step = self._step(unet, noise or self.rng)
+                except BaseException:
+                    self._broken = True  # the scheduler may be mid-update: resuming would be wrong
+                    raise
+                yield step
         finally:
             if noise is not None:
-                noise.close()
-        self.pipe.slots["Unet"].release()
-        self.done = True
+                self._spare_noise = noise.close()
+            slot.release()
+
+    def _step(self, unet: Model, rng) -> Step:
+        """Denoising step ``position + 1``: the guided prediction, then the scheduler's update."""
+        i = self.position
+        t = self.timesteps[i]
+        start = time.perf_counter()
+        model_time = [0.0]
+        x = self.sched.scale_model_input(self.latents, t)
+        pred = self._predict(unet, x, float(t), model_time)
+        self.latents = self.sched.step(pred, t, self.latents, rng=rng)
+        self.position = i + 1
+        self.timings.unet.append(model_time[0])
+        self.timings.host.append(time.perf_counter() - start - model_time[0])
+        return Step(i + 1, len(self.timesteps), float(t), self.latents)
 
     def _predict(self, unet: Model, x: np.ndarray, t: float, model_time: list[float]) -> np.ndarray:
-        """The guided model prediction for every image, with as few UNet calls as its batch allows."""
+        """The guided model prediction (N, 4, h, w) for latents ``x`` (N, 4, h, w), with as few
+        UNet calls as its batch allows."""
         batch = self.pipe.bundle.unet_batch
 
         def call(samples: np.ndarray, context: np.ndarray) -> np.ndarray:
@@ -317,7 +474,7 @@ class Generation:
             return out.astype(np.float32)
 
         n = len(x)
-        if self.cfg:  # [negative, prompt] per image, as diffusers orders them
+        if self.uncond is not None:  # guided: [negative, prompt] per image, as diffusers orders them
             preds = []
             for i in range(n):
                 if batch == 2:
@@ -340,22 +497,29 @@ class Generation:
     # ------------------------------------------------------------------ decoding
 
     def finish(self) -> Result:
-        """Decode the latents as they are (after all steps, or wherever iteration stopped)."""
-        bundle, pipe = self.pipe.bundle, self.pipe
+        """Decode the latents as they are (after all steps, or wherever iteration stopped). A
+        paused iteration is closed first; calling ``finish()`` again returns the same result."""
+        if self._result is not None:
+            return self._result
+        self._close_active()  # an iteration the caller still holds: release the UNet now
+        bundle, pipe, request = self.pipe.bundle, self.pipe, self.request
         t = time.perf_counter()
-        decoder = pipe.slots["VAEDecoder"].get()
+        slot = pipe.slots["VAEDecoder"]
+        decoder = slot.get(self.timings)
         scale = np.float32(1.0 / bundle.vae_scaling)
         images = np.concatenate([decoder.predict({"z": self.latents[i : i + 1] * scale})["image"] for i in range(self.n)])
-        pipe.slots["VAEDecoder"].release()
+        slot.release()
         self.timings.vae_decoder = time.perf_counter() - t
-        self.timings.load = pipe.timings_load
         h, w = bundle.image_size
         params = [
             Parameters(
-                prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.steps, scheduler=self.sched.name,
-                guidance_scale=self.guidance, seed=self.seed, width=w, height=h, model=bundle.name, rng=self.rng_kind,
-                batch_size=self.n, batch_pos=i, strength=self.strength,
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt if request.guided else "",  # unused without guidance
+                steps=request.steps, scheduler=self.sched.name, guidance_scale=request.guidance_scale,
+                seed=request.seed, width=w, height=h, model=bundle.name, rng=request.rng,
+                batch_size=self.n, batch_pos=i, strength=request.strength,
             )
             for i in range(self.n)
         ]
-        return Result(to_pil(images), params, self.timings, self.truncated)
+        self._result = Result(to_pil(images), params, self.timings, self.truncated, self.negative_truncated)
+        return self._result

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from coreml_sd.cli import main
 from coreml_sd.runtime.bundle import BundleError, open_bundle
+from coreml_sd.runtime.pipeline import GenerationError, Pipeline
 
 # ------------------------------------------------------------------ Apple's compiled layout
 
@@ -145,6 +146,17 @@ def test_compiled_metadata_errors_are_bundle_errors(tmp_path, clip_vocab_dir):
     (resources / "Unet.mlmodelc" / "metadata.json").write_text('[{"inputSchema": [{"name": "sample", "shape": "[2, 4,"}]}]')
     with pytest.raises(BundleError, match="Unet.mlmodelc: unreadable metadata.json"):
         open_bundle(resources)
+
+
+def test_mil_backend_refuses_compiled_models_before_loading(tmp_path, clip_vocab_dir):
+    resources = write_compiled_resources(tmp_path / "Resources", clip_vocab_dir)
+    with pytest.raises(GenerationError, match=r"exist only as compiled \.mlmodelc, which only the coreml backend \(macOS\) runs"):
+        Pipeline(open_bundle(resources), backend="mil")
+    result = CliRunner().invoke(main, ["generate", "a cat", "--bundle", str(resources), "--backend", "mil",
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("Error: ") and "only the coreml backend" in line and "mil backend" in line
 
 
 # ------------------------------------------------------------------ our manifest

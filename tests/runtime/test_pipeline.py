@@ -1,5 +1,6 @@
-"""The Python API: generator form, early stop, reduce_memory, bundles in Apple's layouts, and
-(on a Mac) the coreml backend against the mil one."""
+"""The Python API: generator form (pause, resume, finish), requests checked before models load,
+reduce_memory, bundles in Apple's layouts, and (on a Mac) the coreml backend against the mil
+one."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.runtime.bundle import BundleError, open_bundle
-from coreml_sd.runtime.pipeline import GenerationError, Pipeline
+from coreml_sd.runtime.pipeline import GenerationError, Pipeline, check_request
 
 PROMPT = "a watercolour of a lighthouse"
 
@@ -37,6 +39,114 @@ def test_generator_form_yields_every_step_and_can_stop_early(pipe):
     assert np.array_equal(early.latents, steps[1].latents)  # same stream, stopped after step 2
     partial = early.finish()
     assert not np.array_equal(np.asarray(partial.images[0]), np.asarray(full.images[0]))
+
+
+def pixels(result) -> list[np.ndarray]:
+    return [np.asarray(image) for image in result.images]
+
+
+@pytest.fixture(scope="module")
+def lean(tiny_bundle):
+    return Pipeline.from_bundle(tiny_bundle("sd1", "split-einsum"), backend="mil", reduce_memory=True)
+
+
+# euler-a draws noise every step (prefetched one step ahead), dpmpp-2m and pndm keep a history.
+@pytest.mark.parametrize("scheduler", ["euler-a", "dpmpp-2m", "pndm"])
+def test_pause_and_resume_give_the_uninterrupted_result(pipe, lean, scheduler):
+    whole = pipe.start(PROMPT, steps=5, seed=3, scheduler=scheduler)
+    latents = [step.latents.copy() for step in whole]
+    run = lean.start(PROMPT, steps=5, seed=3, scheduler=scheduler)
+    for step in run:
+        if step.index == 2:
+            break
+    assert lean.slots["Unet"].model is None  # reduce_memory: released at the pause, not at finish
+    total = len(run.timesteps)  # 5, or 6 for pndm (PLMS repeats its first timestep)
+    assert run.remaining == total - 2 and len(latents) == total
+    rest = list(run)  # resumes at step 3, reloading the UNet
+    assert [s.index for s in rest] == list(range(3, total + 1))
+    for got, want in zip(rest, latents[2:]):
+        np.testing.assert_array_equal(got.latents, want)
+    assert list(run) == []  # all steps done: nothing more, no error
+    result = run.finish()
+    assert all(slot.model is None for slot in lean.slots.values())
+    np.testing.assert_array_equal(pixels(result)[0], pixels(whole.finish())[0])
+    assert run.finish() is result
+    with pytest.raises(GenerationError, match="finished"):
+        iter(run)
+
+
+def test_finish_closes_an_iteration_the_caller_still_holds(lean):
+    run = lean.start(PROMPT, steps=4, seed=3, scheduler="euler-a")
+    steps = iter(run)
+    assert next(steps).index == 1 and lean.slots["Unet"].model is not None  # in use
+    result = run.finish()
+    assert all(slot.model is None for slot in lean.slots.values())
+    assert len(result.timings.unet) == 1
+    with pytest.raises(StopIteration):
+        next(steps)
+
+
+def test_a_failed_step_ends_the_generation(pipe):
+    run = pipe.start(PROMPT, steps=3, seed=3)
+    from coreml_sd.runtime.backends import BackendError
+
+    run.cond, run.uncond = run.cond[..., :5], run.uncond[..., :5]  # the UNet refuses this context
+    with pytest.raises(BackendError, match="encoder_hidden_states"):
+        list(run)
+    with pytest.raises(GenerationError, match="failed"):
+        list(run)
+
+
+def test_load_time_is_per_run(pipe, lean):
+    assert pipe.load_time > 0  # the eager pipeline loaded its models on construction ...
+    assert pipe(PROMPT, steps=1, seed=1).timings.load == 0.0  # ... so a run loads nothing
+    assert lean.load_time == 0.0
+    first, second = lean(PROMPT, steps=1, seed=1), lean(PROMPT, steps=1, seed=1)
+    assert first.timings.load > 0 and second.timings.load > 0 and first.timings is not second.timings
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"steps": 0}, "steps must be"),
+        ({"steps": 2.5}, "steps must be"),
+        ({"num_images": 0}, "number of images"),
+        ({"guidance_scale": float("nan")}, "guidance scale"),
+        ({"scheduler": "heun"}, "unknown scheduler"),
+        ({"height": 128}, "converted for 64x64"),
+        ({"seed": 2**64}, "outside torch's range"),
+        ({"rng": "urandom"}, "unknown rng kind"),
+        ({"init_image": "/nonexistent.png"}, "cannot read init image"),
+        ({"init_image": Image.new("RGB", (64, 64)), "strength": 0}, "strength must be"),
+        ({"init_image": Image.new("RGB", (64, 64)), "strength": 0.05, "steps": 5}, "raise --strength or --steps"),
+    ],
+)
+def test_requests_are_checked_against_the_bundle_alone(tiny_bundle, options, message):
+    """No pipeline, so no model: what ``coreml-sd generate`` relies on to fail fast."""
+    bundle = open_bundle(tiny_bundle("sd1", "split-einsum"))
+    with pytest.raises(GenerationError, match=message):
+        check_request(bundle, PROMPT, **options)
+
+
+def test_a_request_is_reusable(pipe):
+    request = check_request(pipe.bundle, PROMPT, steps=2, scheduler="euler-a")  # random seed, drawn once
+    a, b = pipe.generate(request), pipe.generate(request)
+    for run in (a, b):
+        list(run)
+    np.testing.assert_array_equal(pixels(a.finish())[0], pixels(b.finish())[0])
+    assert a.finish().parameters[0].seed == request.seed
+
+
+def test_negative_prompt_truncation_and_guidance_off(pipe):
+    long = " ".join(["dog"] * 80) + " zebra"
+    run = pipe.start(PROMPT, negative_prompt=long, steps=1, seed=2)
+    assert run.truncated == "" and "zebra" in run.negative_truncated
+    result = run.finish()
+    assert result.negative_truncated == run.negative_truncated and result.parameters[0].negative_prompt == long
+    # guidance <= 1: the negative prompt is not used, so neither encoded nor recorded
+    off = pipe.start(PROMPT, negative_prompt=long, steps=1, seed=2, guidance_scale=1.0)
+    assert off.negative_truncated == ""
+    assert off.finish().parameters[0].negative_prompt == ""
 
 
 def test_call_equals_generator_form_and_seeds_are_deterministic(pipe):
@@ -170,3 +280,4 @@ def test_coreml_backend_refuses_off_macos(tiny_bundle):
 
     with pytest.raises(BackendError, match="needs macOS"):
         load_model(tiny_bundle("sd1", "split-einsum") / "Unet.mlpackage", "coreml")
+
