@@ -5,14 +5,25 @@
     outputs = model.predict({"sample": x, "timestep": t, "encoder_hidden_states": c})
 
 ``coreml`` (macOS only) runs the model with Core ML on the chosen compute units; ``mil`` (any OS)
-executes the package's ML program op by op (see ``mil.py``). ``predict`` takes and returns numpy
-arrays; inputs are checked against the descriptions (names, shapes) and cast to the declared
-dtype, as Core ML does.
+executes the package's ML program op by op (see ``mil.py``). ``predict`` takes a mapping of input
+name to numpy array and returns one of output name to array:
+
+- inputs are checked against the descriptions (names, shapes, real numeric data: integer data only
+  for integer inputs) and cast to the declared dtype, as Core ML does; anything else is a
+  one-line ``BackendError`` naming the input and what the model takes;
+- float outputs come back as float32 from both backends, whatever the program declares (a
+  float16 output keeps its float16-rounded values); integer outputs as int32.
+
+coremltools is imported through ``import_coremltools()``, never directly: off macOS its import
+logs lines about the missing Core ML binding, which are noise there.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +33,18 @@ import numpy as np
 BACKENDS = ("auto", "coreml", "mil")
 COMPUTE_UNITS = ("CPU_AND_NE", "CPU_AND_GPU", "ALL", "CPU_ONLY")
 _DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "int32": np.int32}
+# numpy kinds an input may hold per declared dtype: floats take real numbers (token ids come as
+# ints), integers take integers only (a float would be truncated silently). Never bool, complex,
+# strings or objects.
+_KINDS = {"float16": "fiu", "float32": "fiu", "float64": "fiu", "int32": "iu"}
+
+# What coremltools logs while it imports where it is expected, one pattern per line it prints:
+# off macOS its Core ML binding (libcoremlpython) does not exist, and the torch this project pins
+# is newer than the ones coremltools was tested with (conversion works, see DESIGN).
+_IMPORT_NOISE = re.compile(
+    r"Failed to load _ML\w+Proxy: No module named 'coremltools\.libcoremlpython'"
+    r"|Torch version \S+ has not been tested with coremltools\. .*"
+)
 
 
 class BackendError(Exception):
@@ -40,11 +63,37 @@ class Model(Protocol):
     inputs: dict[str, TensorDescription]
     outputs: dict[str, TensorDescription]
 
-    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Outputs by name; float outputs as float32 arrays (see the module docstring)."""
+        ...
+
+
+def _not_import_noise(record: logging.LogRecord) -> bool:
+    return _IMPORT_NOISE.fullmatch(record.getMessage()) is None
+
+
+def import_coremltools():
+    """The ``coremltools`` module, imported without the lines it logs where they are expected (see
+    ``_IMPORT_NOISE``); any other message, warning or error still shows. Every import of
+    coremltools on the runtime path goes through here (submodules afterwards import quietly)."""
+    if "coremltools" in sys.modules:
+        import coremltools
+
+        return coremltools
+    # coremltools logs these through its package logger (no handler of its own: Python's
+    # last-resort handler prints them to stderr); a filter on that logger drops exactly them.
+    logger = logging.getLogger("coremltools")
+    logger.addFilter(_not_import_noise)
+    try:
+        import coremltools
+    finally:
+        logger.removeFilter(_not_import_noise)
+    return coremltools
 
 
 def describe(spec) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
     """Input and output descriptions from a Core ML model spec (protobuf)."""
+    import_coremltools()
     from coremltools.proto import FeatureTypes_pb2 as ft
 
     names = {
@@ -60,6 +109,8 @@ def describe(spec) -> tuple[dict[str, TensorDescription], dict[str, TensorDescri
             if f.type.WhichOneof("Type") != "multiArrayType":
                 raise BackendError(f"feature {f.name!r} is not a tensor; coreml-sd runs tensor models only")
             arr = f.type.multiArrayType
+            if arr.dataType not in names:
+                raise BackendError(f"feature {f.name!r} has an array type coreml-sd does not run ({arr.dataType})")
             out[f.name] = TensorDescription(f.name, tuple(int(d) for d in arr.shape), names[arr.dataType])
         return out
 
@@ -96,28 +147,64 @@ def describe_model(path: Path) -> tuple[dict[str, TensorDescription], dict[str, 
     path = Path(path)
     if path.suffix == ".mlmodelc":
         return compiled_schema(path)
-    import coremltools as ct
+    return describe(load_spec(path))
 
+
+def load_spec(path: Path):
+    """The model spec (protobuf) of a ``.mlpackage``; ``BackendError`` when it cannot be read."""
+    ct = import_coremltools()
     try:
-        return describe(ct.utils.load_spec(str(path)))
-    except BackendError:
-        raise
-    except Exception as exc:
-        raise BackendError(f"{path}: not a readable Core ML package ({exc})") from None
+        return ct.utils.load_spec(str(path))
+    except Exception as exc:  # protobuf and coremltools raise assorted exception types here
+        raise BackendError(f"{path}: not a readable Core ML package ({exc}); re-convert it") from None
 
 
-def check_inputs(path: Path, wanted: dict[str, TensorDescription], given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inputs validated against the model's descriptions and cast to their declared dtypes."""
+def check_inputs(
+    path: Path,
+    wanted: dict[str, TensorDescription],
+    given: Mapping[str, np.ndarray],
+    float16_as: type = np.float16,
+) -> dict[str, np.ndarray]:
+    """Inputs validated against the model's descriptions and cast to their declared dtypes.
+
+    ``float16_as``: what float16-declared inputs become; the mil backend's float32 override takes
+    them unrounded (``np.float32``). Values beyond float16 range become inf, as on device."""
+    if not isinstance(given, Mapping):
+        raise BackendError(f"{path.name}: inputs must be a mapping of input name to array, not {type(given).__name__}")
     missing, extra = sorted(wanted.keys() - given.keys()), sorted(given.keys() - wanted.keys())
     if missing or extra:
         raise BackendError(f"{path.name}: inputs {sorted(given)} do not match the model's {sorted(wanted)}")
     out = {}
     for name, desc in wanted.items():
-        value = np.asarray(given[name])
-        if value.shape != desc.shape:
-            raise BackendError(f"{path.name}: input {name!r} has shape {value.shape}, the model takes {desc.shape}")
-        out[name] = value.astype(_DTYPES[desc.dtype], copy=False)
+        value = _numeric(path, desc, given[name])
+        target = float16_as if desc.dtype == "float16" else _DTYPES[desc.dtype]
+        with np.errstate(over="ignore"):  # float16 overflow to inf is the device's behaviour
+            out[name] = value.astype(target, copy=False)
     return out
+
+
+def _numeric(path: Path, desc: TensorDescription, value) -> np.ndarray:
+    """``value`` as an array of the kind and shape ``desc`` takes, or a one-line ``BackendError``."""
+    takes = f"the model takes {desc.dtype} of shape {desc.shape}"
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as exc:  # ragged nested sequences, unconvertible objects
+        raise BackendError(f"{path.name}: input {desc.name!r} is not an array ({exc}); {takes}") from None
+    if array.dtype.kind not in _KINDS[desc.dtype]:
+        raise BackendError(f"{path.name}: input {desc.name!r} holds {array.dtype} data; {takes}")
+    if array.shape != desc.shape:
+        raise BackendError(f"{path.name}: input {desc.name!r} has shape {array.shape}, {takes}")
+    if desc.dtype == "int32" and array.size and not np.can_cast(array.dtype, np.int32):
+        info = np.iinfo(np.int32)  # int64 / uint32 data: each value must fit
+        if array.min() < info.min or array.max() > info.max:
+            raise BackendError(f"{path.name}: input {desc.name!r} holds values beyond int32; {takes}")
+    return array
+
+
+def output_array(desc: TensorDescription, value) -> np.ndarray:
+    """An output as ``predict`` returns it: float32 for a float output (float16 values convert
+    exactly, so a float16 output keeps its rounding), int32 for an integer one."""
+    return np.asarray(value, dtype=np.float32 if desc.dtype.startswith("float") else np.int32)
 
 
 def default_backend() -> str:

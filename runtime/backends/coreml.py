@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import COMPUTE_UNITS, BackendError, check_inputs, describe_model, require
+from . import COMPUTE_UNITS, BackendError, check_inputs, describe_model, import_coremltools, output_array, require
 
 
 class CoreMLModel:
@@ -19,8 +19,7 @@ class CoreMLModel:
         require("coreml")
         if compute_units not in COMPUTE_UNITS:
             raise BackendError(f"unknown compute units {compute_units!r}: use one of {', '.join(COMPUTE_UNITS)}")
-        import coremltools as ct
-
+        ct = import_coremltools()
         self.path = Path(path)
         self.compute_units = compute_units
         self.inputs, self.outputs = describe_model(self.path)
@@ -31,7 +30,7 @@ class CoreMLModel:
             else:
                 self._model = ct.models.MLModel(str(self.path), compute_units=units)
         except Exception as exc:  # coremltools raises bare Exceptions from Core ML
-            raise BackendError(f"{self.path.name}: Core ML could not load it ({exc})") from None
+            raise BackendError(f"{self.path.name}: Core ML could not load it ({exc}); re-convert it if it is damaged") from None
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = check_inputs(self.path, self.inputs, inputs)
@@ -39,4 +38,4 @@ class CoreMLModel:
             out = self._model.predict(arrays)
         except Exception as exc:
             raise BackendError(f"{self.path.name}: Core ML prediction failed ({exc})") from None
-        return {name: np.asarray(out[name], dtype=np.float32) for name in self.outputs}
+        return {name: output_array(desc, out[name]) for name, desc in self.outputs.items()}
