@@ -7,12 +7,17 @@ coremltools' MIL representation and executes its operations in order with torch 
 Precision is kept as on device: a tensor the program declares float16 is stored as float16
 between operations; each op computes in float32 and its result is rounded back to the declared
 type, so a float16 overflow becomes inf (and then NaN) here as it would on a Mac.
-``precision="float32"`` keeps those tensors in float32 instead (debugging only).
+``precision="float32"`` keeps those tensors in float32 instead (debugging only): float16-declared
+inputs are taken unrounded, no op result (casts to float16 included) is rounded to float16; only
+the weights keep the float16 values the package stores.
 
 Everything that can fail does so at load time: the program is planned once (constants turned
 into tensors, compressed weights decompressed, every op matched to a kernel, each variable's
 last use recorded so activations are freed as soon as possible), and an op without a kernel
-raises ``BackendError`` naming the op and the package.
+raises ``BackendError`` naming the op and the package, as does a damaged package.
+
+Attention is executed fused (``mil_fuse``) by ``predict``; ``find_nonfinite`` runs the same
+program op by op so that it can name the op where a float16 overflow starts.
 """
 
 from __future__ import annotations
@@ -24,12 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import BackendError, check_inputs, describe
+from . import BackendError, check_inputs, describe, import_coremltools, load_spec, output_array
 from . import mil_fuse
 from .mil_ops import KERNELS
 
+# uint16 (iOS 17 argmax/argmin indices) is held as int32: torch's uint16 lacks most kernels, and
+# every uint16 value is an exact int32.
 _STORAGE = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float32, "int32": torch.int32,
-            "int64": torch.int64, "bool": torch.bool, "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16}
+            "int64": torch.int64, "bool": torch.bool, "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
+            "uint16": torch.int32}
 
 
 @dataclass
@@ -46,7 +54,6 @@ class _Step:
     kernel: Any
     args: dict[str, Any]  # input name -> constant value, _Var, or tuple of those
     outputs: list[tuple[str, torch.dtype]]
-    free: list[str]  # variables whose last use is this step
     output_shapes: list[tuple] | None = None
 
 
@@ -68,21 +75,47 @@ class MILModel:
         self.path = Path(path)
         if self.path.suffix != ".mlpackage":
             raise BackendError(f"{self.path.name}: the mil backend runs .mlpackage files (a compiled .mlmodelc holds no readable program)")
-        import coremltools as ct
-        from coremltools.converters.mil.frontend.milproto import load as mil_load
-
-        try:
-            spec = ct.utils.load_spec(str(self.path))
-        except Exception as exc:
-            raise BackendError(f"{self.path}: not a readable Core ML package ({exc})") from None
+        spec = load_spec(self.path)
         if spec.WhichOneof("Type") != "mlProgram":
             raise BackendError(f"{self.path.name}: not an ML program (the mil backend runs ML programs only)")
         self.inputs, self.outputs = describe(spec)
-        weights = self.path / "Data" / "com.apple.CoreML" / "weights"
-        program = mil_load.load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights))
         self.precision = precision or "float16"
         self.fuse_attention = fuse_attention
-        self._plan(program.functions["main"])
+        function = self._main(spec)
+        self._ops = self._plan(function)  # op by op, as the program lists them
+        outputs = {v.name for v in function.outputs}
+        self._steps = self._fused(self._ops, outputs) if fuse_attention else self._ops
+        self._free = _last_uses(self._steps, outputs)
+
+    def _main(self, spec):
+        """The program's ``main`` function, read with its weights."""
+        import_coremltools()
+        from coremltools.converters.mil.frontend.milproto import load as mil_load
+
+        weights = self.path / "Data" / "com.apple.CoreML" / "weights"
+        try:  # a truncated weight.bin fails here (numpy "index out of bounds", storage reader errors)
+            program = mil_load.load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights))
+        except Exception as exc:
+            raise BackendError(f"{self.path}: its program or weights cannot be read ({exc}); the package is damaged, re-convert it") from None
+        if "main" not in program.functions:
+            names = ", ".join(sorted(program.functions)) or "none"
+            raise BackendError(f"{self.path}: its program has no 'main' function (it has: {names}); re-convert it as a single-function package")
+        function = program.functions["main"]
+        if any(op.op_type.startswith("constexpr_") for op in function.operations):
+            self._decompress(program)
+        return function
+
+    def _decompress(self, program) -> None:
+        """Compressed weights (``constexpr_*`` ops: lookup tables, affine or blockwise quantization,
+        sparsity, and chains of them such as a palette with per-channel scales) become constants,
+        decompressed once, here, by the pass ``coremltools.optimize.coreml.decompress_weights``
+        applies: exactly the values Core ML reconstructs."""
+        from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
+
+        try:
+            WeightDecompressor(op_selector=lambda op: True).apply(program)
+        except Exception as exc:
+            raise BackendError(f"{self.path}: its compressed weights cannot be decompressed ({exc}); re-convert it") from None
 
     # ------------------------------------------------------------------ planning
 
@@ -96,22 +129,15 @@ class MILModel:
             raise BackendError(f"{self.path.name}: variable {var.name} has unsupported type {name}")
         return _STORAGE[name]
 
-    def _plan(self, function) -> None:
+    def _plan(self, function) -> list[_Step]:
+        """One step per executed op, in program order; constants go to ``self._consts``; ops
+        without a kernel are refused here, all named at once."""
         self._consts: dict[str, Any] = {}
-        self._steps: list[_Step] = []
+        steps: list[_Step] = []
         missing: dict[str, str] = {}
         for op in function.operations:
             if op.op_type == "const":
                 self._consts[op.outputs[0].name] = _constant(op.outputs[0].val)
-                continue
-            if op.op_type.startswith("constexpr_"):  # compressed weights: decompress once, here
-                try:
-                    values = op.materialized_val_inference()
-                except Exception as exc:
-                    raise BackendError(f"{self.path.name}: cannot decompress {op.op_type} {op.name} ({exc})") from None
-                values = values if isinstance(values, tuple) else (values,)
-                for out, value in zip(op.outputs, values):
-                    self._consts[out.name] = _constant(np.asarray(value))
                 continue
             kernel = KERNELS.get(op.op_type)
             if kernel is None:
@@ -120,27 +146,14 @@ class MILModel:
             args = {k: self._arg(v) for k, v in op.inputs.items()}
             outputs = [(out.name, self._storage(out)) for out in op.outputs]
             shapes = [tuple(out.shape) if out.shape is not None else () for out in op.outputs]
-            self._steps.append(_Step(op.op_type, op.name, kernel, args, outputs, [], shapes))
+            steps.append(_Step(op.op_type, op.name, kernel, args, outputs, shapes))
         if missing:
             ops = ", ".join(f"{t} (e.g. {n})" for t, n in missing.items())
             raise BackendError(f"{self.path.name}: the mil backend does not implement op {ops}")
-        if self.fuse_attention:
-            self._steps = self._fused(self._steps, {v.name for v in function.outputs})
         names = [v.name for v in function.outputs]
         if sorted(names) != sorted(self.outputs):
             raise BackendError(f"{self.path.name}: program outputs {names} differ from the described {sorted(self.outputs)}")
-        self._outputs = [(name, self.outputs[name].dtype) for name in names]
-        # Free each variable after its last reader (outputs are kept).
-        last: dict[str, int] = {}
-        for i, step in enumerate(self._steps):
-            for value in step.args.values():
-                for v in value if isinstance(value, tuple) else (value,):
-                    if isinstance(v, _Var):
-                        last[v.name] = i
-        keep = {name for name, _ in self._outputs}
-        for name, i in last.items():
-            if name not in keep:
-                self._steps[i].free.append(name)
+        return steps
 
     @staticmethod
     def _fused(steps: list[_Step], outputs: set[str]) -> list[_Step]:
@@ -168,7 +181,7 @@ class MILModel:
                 "probs": group[-2].outputs[0][1],
                 "out": group[-1].outputs[0][1],
             }
-            out.append(_Step("attention", group[-1].name, mil_fuse.make_kernel(form, dtypes), args, group[-1].outputs, []))
+            out.append(_Step("attention", group[-1].name, mil_fuse.make_kernel(form, dtypes), args, group[-1].outputs))
             i += n
         return out
 
@@ -184,11 +197,14 @@ class MILModel:
     # ------------------------------------------------------------------ execution
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._run(inputs)
+        return self._run(self._steps, self._free, inputs)
 
     def find_nonfinite(self, inputs: dict[str, np.ndarray]) -> tuple[str, str] | None:
         """(op type, op name) of the first op whose output holds inf/NaN although its inputs were
-        finite: where a float16 overflow starts. None when every value stays finite."""
+        finite: where a float16 overflow starts. None when every value stays finite.
+
+        Runs op by op, never fused, so the op named is one of the program's own (inside an
+        attention: the logits, the mask, the softmax or the values product)."""
         found: list[tuple[str, str]] = []
 
         def watch(step: _Step, args: dict, results) -> bool:
@@ -201,19 +217,17 @@ class MILModel:
                 return True
             return False
 
-        self._run(inputs, watch)
+        outputs = set(self.outputs)
+        self._run(self._ops, _last_uses(self._ops, outputs), inputs, watch)
         return found[0] if found else None
 
-    def _run(self, inputs: dict[str, np.ndarray], watch=None) -> dict[str, np.ndarray]:
-        arrays = check_inputs(self.path, self.inputs, inputs)
-        env: dict[str, Any] = {}
-        for name, array in arrays.items():
-            tensor = torch.from_numpy(np.ascontiguousarray(array))
-            if tensor.dtype == torch.float16 and self.precision == "float32":
-                tensor = tensor.float()
-            env[name] = tensor
+    def _run(self, steps: list[_Step], free: list[list[str]], inputs: dict[str, np.ndarray], watch=None) -> dict[str, np.ndarray]:
+        """Execute ``steps``, dropping the variables ``free[i]`` names after step i."""
+        float16_as = np.float32 if self.precision == "float32" else np.float16
+        arrays = check_inputs(self.path, self.inputs, inputs, float16_as=float16_as)
+        env: dict[str, Any] = {name: torch.from_numpy(np.ascontiguousarray(array)) for name, array in arrays.items()}
         with torch.inference_mode():
-            for step in self._steps:
+            for step, done in zip(steps, free):
                 args = {k: self._resolve(v, env) for k, v in step.args.items()}
                 try:
                     result = step.kernel(**args)
@@ -226,13 +240,12 @@ class MILModel:
                     stored.append(env[name])
                 if watch is not None and watch(step, args, stored):
                     return {}
-                for name in step.free:
+                for name in done:
                     env.pop(name, None)
         out = {}
-        for name, dtype in self._outputs:
+        for name, desc in self.outputs.items():
             value = env[name] if name in env else self._consts[name]
-            value = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-            out[name] = value.astype(np.float16 if dtype == "float16" else np.float32 if dtype.startswith("float") else value.dtype)
+            out[name] = output_array(desc, value.numpy() if isinstance(value, torch.Tensor) else value)
         return out
 
     @staticmethod
@@ -242,3 +255,19 @@ class MILModel:
         if isinstance(value, tuple):
             return tuple(env[v.name] if isinstance(v, _Var) else v for v in value)
         return value
+
+
+def _last_uses(steps: list[_Step], keep: set[str]) -> list[list[str]]:
+    """Per step, the variables it reads for the last time (to free after it); ``keep`` (the
+    program's outputs) are never freed."""
+    last: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        for value in step.args.values():
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, _Var):
+                    last[v.name] = i
+    free: list[list[str]] = [[] for _ in steps]
+    for name, i in last.items():
+        if name not in keep:
+            free[i].append(name)
+    return free

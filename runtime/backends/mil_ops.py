@@ -173,10 +173,15 @@ _CAST = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float32, "i
 
 @kernel("cast")
 def _cast(x, dtype):
+    """A cast to a float type returns float32, like every float kernel: the executor rounds it to
+    the type the program declares for the result (float16 stays float16 on device, float32 under
+    the float32 override). Casts to an integer type truncate toward zero."""
     x = _t(x)
     target = _CAST[dtype]
-    if not target.is_floating_point and x.is_floating_point():
-        x = torch.trunc(x.float())  # float -> int casts truncate toward zero
+    if target.is_floating_point:
+        return x.float()
+    if x.is_floating_point():
+        x = torch.trunc(x.float())
     return x.to(target)
 
 
@@ -209,7 +214,11 @@ def _prod(x, dims, keep):
 
 
 def _arg(fn):
-    def run(x, axis=-1, keep_dims=False):
+    # output_dtype (iOS 17: "int32" or "uint16") only changes the declared result type; the
+    # executor stores both as int32 (see mil._STORAGE), so the indices are returned as int32.
+    def run(x, axis=-1, keep_dims=False, output_dtype="int32"):
+        if output_dtype not in ("int32", "uint16"):
+            raise ValueError(f"output_dtype {output_dtype!r}")
         return fn(_f(x), dim=int(axis), keepdim=bool(keep_dims)).to(torch.int32)
 
     return run

@@ -50,6 +50,8 @@ CASES = [
     ("reduce_sum", {"x": A}),
     ("reduce_argmax", {"x": A, "axis": 2, "keep_dims": True}),
     ("reduce_argmin", {"x": A, "axis": -1}),
+    ("reduce_argmax", {"x": A, "axis": 1, "output_dtype": "uint16"}),  # iOS 17 input
+    ("reduce_argmin", {"x": A, "axis": 0, "keep_dims": True, "output_dtype": "int32"}),
     ("softmax", {"x": A, "axis": 1}),
     ("matmul", {"x": M, "y": N}),
     ("matmul", {"x": N, "y": M, "transpose_x": True, "transpose_y": True}),
@@ -116,8 +118,10 @@ NUMPY = {
 def reference(op: str, inputs: dict) -> list[np.ndarray]:
     """coremltools' value of the op on constant inputs."""
     holder = {}
+    # Our programs' opset; inputs that only later opsets define select that opset.
+    opset = ct.target.iOS17 if "output_dtype" in inputs else ct.target.iOS16
 
-    @mb.program(input_specs=[], opset_version=ct.target.iOS16)  # our programs' opset
+    @mb.program(input_specs=[], opset_version=opset)
     def prog():
         out = getattr(mb, op)(**inputs)
         holder["out"] = out
@@ -143,6 +147,8 @@ def test_kernel_matches_coremltools(op, inputs):
     for g, w in zip(got, want):
         g = g.numpy() if isinstance(g, torch.Tensor) else np.asarray(g)
         assert g.shape == w.shape, (g.shape, w.shape)
+        if w.dtype == np.float16:  # kernels compute in float32; the executor stores the declared type
+            g = g.astype(np.float16)
         if w.dtype == bool or w.dtype.kind in "iu":
             np.testing.assert_array_equal(g.astype(w.dtype), w)
         else:
@@ -176,3 +182,19 @@ def test_conv_padding_modes_match_torch():
 def test_every_kernel_is_tested_here():
     covered = {op for op, _ in CASES} | {"conv", "identity", "mod", "logical_or", "logical_xor", "tan", "scaled_dot_product_attention"}
     assert set(KERNELS) <= covered, sorted(set(KERNELS) - covered)
+
+
+def test_uint16_argmax_runs_in_a_program(program_package):
+    """iOS 17's output_dtype="uint16" declares a type torch lacks kernels for; the executor holds
+    those indices as int32 and returns them as int32 arrays."""
+    from coreml_sd.runtime.backends import load_model
+
+    @mb.program(input_specs=[mb.TensorSpec((3, 5))], opset_version=ct.target.iOS17)
+    def prog(x):
+        return mb.reduce_argmax(x=x, axis=1, output_dtype="uint16", name="index")
+
+    model = load_model(program_package(prog, "Argmax", target=ct.target.iOS17), "mil")
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    got = model.predict({"x": x})["index"]
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, x.argmax(axis=1))
