@@ -23,7 +23,9 @@ from .schedulers import SCHEDULER_NAMES
 @click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), help="Sampler (default: the model's own).")
 @click.option("--seed", type=int, help="Seed (default: random); the same seed gives the same image as diffusers on CPU.")
 @click.option("--negative-prompt", default="", help="What the image should not show.")
-@click.option("--init-image", type=click.Path(path_type=Path), help="Start from this image (image-to-image).")
+@click.option("--init-image", type=click.Path(path_type=Path),
+              help="Start from this image (image-to-image). Scaled to the bundle's size keeping its aspect ratio; "
+              "a different aspect ratio is center-cropped, never stretched.")
 @click.option("--strength", default=0.75, show_default=True, type=float, help="How much of the init image to repaint.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="auto: coreml on macOS, mil elsewhere.")
 @click.option("--compute-units", type=click.Choice(COMPUTE_UNITS), default="CPU_AND_NE", show_default=True)
@@ -31,42 +33,72 @@ from .schedulers import SCHEDULER_NAMES
 @click.option("--rng", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True, help="Noise source.")
 @click.option("--height", type=int, help="Must match the bundle (default: its size).")
 @click.option("--width", type=int, help="Must match the bundle (default: its size).")
-@click.option("-o", "--output", "out", default=Path("."), show_default=True, type=click.Path(path_type=Path), help="Folder for the PNG files.")
+@click.option("-o", "--output", "out", default=Path("."), show_default=True, type=click.Path(path_type=Path), help="Folder for the PNG files (created if needed).")
 def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negative_prompt, init_image, strength,
              backend, compute_units, reduce_memory, rng, height, width, out):
-    """Generate images for PROMPT with a converted bundle."""
+    """Generate images for PROMPT with a converted bundle.
+
+    Everything that can be checked without the models (bundle, options, init image, output
+    folder) is checked before they load, so a mistake costs no loading time.
+    """
     from .backends import BackendError
-    from .bundle import BundleError
-    from .image import save_png
-    from .pipeline import GenerationError, Pipeline
+    from .bundle import BundleError, open_bundle
+    from .image import crop_box, prepare_output, save_png
+    from .pipeline import GenerationError, Pipeline, check_request, read_image
 
-    def err(line: str) -> None:
-        click.echo(line, err=True)
+    def warn(line: str) -> None:
+        click.echo(f"warning: {line}", err=True)
 
+    try:
+        opened = open_bundle(bundle)
+        image = read_image(init_image) if init_image is not None else None
+        request = check_request(
+            opened, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler,
+            seed=seed, num_images=num_images, init_image=image, strength=strength, rng=rng, height=height, width=width,
+        )
+    except (BundleError, GenerationError) as exc:
+        raise click.ClickException(str(exc)) from None
     if out.exists() and not out.is_dir():
         raise click.ClickException(f"output {out} is a file; pass a folder with -o")
     try:
-        pipe = Pipeline.from_bundle(bundle, backend=backend, compute_units=compute_units, reduce_memory=reduce_memory)
-        run = pipe.start(
-            prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler,
-            seed=seed, num_images=num_images, init_image=init_image, strength=strength, rng=rng, height=height, width=width,
-        )
+        prepare_output(out)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write to output folder {out}: {exc.strerror or exc}; pass a writable folder with -o") from None
+    if negative_prompt and not request.guided:
+        warn(f"--negative-prompt is ignored: guidance is off at --guidance {guidance:g} (<= 1); raise it to use a negative prompt")
+    if image is not None:
+        h, w = opened.image_size
+        left, upper, right, lower = crop_box(image.size, (w, h))
+        if (right - left, lower - upper) != image.size:
+            warn(f"the init image is {image.size[0]}x{image.size[1]}, not the bundle's aspect ratio ({w}x{h}): "
+                 f"its center {right - left:.0f}x{lower - upper:.0f} is used")
+
+    try:
+        pipe = Pipeline(opened, backend=backend, compute_units=compute_units, reduce_memory=reduce_memory)
+        run = pipe.generate(request)
         if run.truncated:
-            err(f"warning: the prompt is longer than 77 tokens; ignored: {run.truncated!r}")
+            warn(f"the prompt is longer than 77 tokens; ignored: {run.truncated!r}")
+        if run.negative_truncated:
+            warn(f"the negative prompt is longer than 77 tokens; ignored: {run.negative_truncated!r}")
         label = f"{pipe.backend} {compute_units if pipe.backend == 'coreml' else ''}".strip()
-        with click.progressbar(length=len(run.timesteps), label=f"denoising ({label})", file=click.get_text_stream("stderr")) as bar:
+        with click.progressbar(length=run.remaining, label=f"denoising ({label})", file=click.get_text_stream("stderr")) as bar:
             for _ in run:
                 bar.update(1)
         result = run.finish()
-        paths = [save_png(image, params, out) for image, params in zip(result.images, result.parameters)]
     except (BundleError, BackendError, GenerationError) as exc:
         raise click.ClickException(str(exc)) from None
+    for i, (picture, params) in enumerate(zip(result.images, result.parameters)):
+        try:
+            path = save_png(picture, params, out)
+        except OSError as exc:
+            kept = f" ({i} of {len(result.images)} written above)" if i else ""
+            raise click.ClickException(f"cannot write the image to {out}: {exc.strerror or exc}{kept}; free space or pass another -o") from None
+        click.echo(str(path))
     t = result.timings.as_dict()
-    err(
-        f"load {t['load_s']:.2f}s, text encoder {t['text_encoder_s']:.2f}s"
+    click.echo(
+        f"load {pipe.load_time + t['load_s']:.2f}s, text encoder {t['text_encoder_s']:.2f}s"
         + (f", vae encoder {t['vae_encoder_s']:.2f}s" if init_image else "")
         + f", unet {t['unet_s_per_step'] * 1000:.0f} ms/step, other {t['host_s_per_step'] * 1000:.1f} ms/step"
-        + f", vae decoder {t['vae_decoder_s']:.2f}s"
+        + f", vae decoder {t['vae_decoder_s']:.2f}s",
+        err=True,
     )
-    for path in paths:
-        click.echo(str(path))

@@ -3,14 +3,19 @@
 For every scheduler, on tiny SD 1.x and SD 2.x (v-prediction) models: the PNG the command writes
 matches diffusers' StableDiffusionPipeline on the same weights, prompt, seed, steps and scheduler
 at PSNR >= 30 dB (our float16 programs against diffusers' float32; measured 49-55 dB). Likewise
+several images per prompt with a negative prompt, a UNet converted with batch 1, and
 image-to-image against StableDiffusionImg2ImgPipeline. Plus determinism, files never
-overwritten, PNG metadata, and every user mistake as a one-line error.
+overwritten, PNG metadata, and every user mistake as a one-line error found before any model
+loads.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +97,36 @@ def test_image_to_image_matches_diffusers(family, scheduler, strength, tiny_bund
     assert "Denoising strength: " + f"{strength:g}" in read_parameters(pngs[0])
 
 
+def test_several_images_with_a_negative_prompt_match_diffusers(tiny_bundle, tiny_sd1_dir, tmp_path):
+    """-n 2 with guidance on: per image a [negative, prompt] pair through the batch-2 UNet, the
+    starting noise of both images drawn as one tensor, as diffusers' num_images_per_prompt does."""
+    negative = "blurry, low quality"
+    pngs = written(generate(PROMPT, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "21", "--steps", "6",
+                            "--scheduler", "euler-a", "--negative-prompt", negative, "-n", "2", "-o", str(tmp_path)))
+    ref = reference_pipeline("StableDiffusionPipeline", tiny_sd1_dir, "euler-a")
+    want = ref(PROMPT, negative_prompt=negative, num_inference_steps=6, guidance_scale=7.5, num_images_per_prompt=2,
+               generator=torch.Generator().manual_seed(21)).images
+    assert len(pngs) == 2 and not np.array_equal(pixels(pngs[0]), pixels(pngs[1]))
+    for png, image in zip(pngs, want):
+        assert psnr(pixels(png), pixels(image), peak=255) >= 30
+    without = reference_pipeline("StableDiffusionPipeline", tiny_sd1_dir, "euler-a")(
+        PROMPT, num_inference_steps=6, guidance_scale=7.5, num_images_per_prompt=2, generator=torch.Generator().manual_seed(21)
+    ).images[0]
+    assert psnr(pixels(pngs[0]), pixels(without), peak=255) < psnr(pixels(pngs[0]), pixels(want[0]), peak=255)  # it was used
+    assert read_parameters(pngs[1]).splitlines()[1] == f"Negative prompt: {negative}"
+
+
+def test_unet_batch_one_matches_diffusers(tiny_bundle, tiny_sd1_dir, tmp_path):
+    """A bundle converted with --unet-batch-one: guidance as two batch-1 UNet calls per step."""
+    bundle = tiny_bundle("sd1", "split-einsum", unet_batch=1)
+    [png] = written(generate(PROMPT, "--bundle", str(bundle), "--seed", "8", "--steps", "5", "--scheduler", "dpmpp-2m",
+                             "--negative-prompt", "dark", "-o", str(tmp_path)))
+    ref = reference_pipeline("StableDiffusionPipeline", tiny_sd1_dir, "dpmpp-2m")
+    want = ref(PROMPT, negative_prompt="dark", num_inference_steps=5, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(8)).images[0]
+    assert psnr(pixels(png), pixels(want), peak=255) >= 30
+
+
 def test_same_seed_same_file_never_overwritten(tiny_bundle, tmp_path):
     args = [PROMPT, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "3", "--steps", "3", "-o", str(tmp_path)]
     [first] = written(generate(*args))
@@ -127,11 +162,35 @@ def test_guidance_off_uses_the_text_branch_only(tiny_bundle, tiny_sd1_dir, tmp_p
         assert psnr(pixels(png), pixels(image), peak=255) >= 30
 
 
-def test_long_prompt_is_truncated_with_a_warning(tiny_bundle, tmp_path):
+def test_long_prompts_are_truncated_with_a_warning(tiny_bundle, tmp_path):
     prompt = " ".join(["cat"] * 80) + " zebra"
-    result = generate(prompt, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "1", "--steps", "1", "-o", str(tmp_path))
+    negative = " ".join(["dog"] * 80) + " giraffe"
+    result = generate(prompt, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "1", "--steps", "1",
+                      "--negative-prompt", negative, "-o", str(tmp_path))
     assert result.exit_code == 0
-    assert "longer than 77 tokens" in result.stderr and "zebra" in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2
+    assert "the prompt is longer than 77 tokens" in warnings[0] and "zebra" in warnings[0] and "giraffe" not in warnings[0]
+    assert "the negative prompt is longer than 77 tokens" in warnings[1] and "giraffe" in warnings[1]
+
+
+def test_negative_prompt_without_guidance_is_reported_not_recorded(tiny_bundle, tmp_path):
+    result = generate(PROMPT, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "1", "--steps", "1",
+                      "--guidance", "1", "--negative-prompt", "blurry", "-o", str(tmp_path))
+    [png] = written(result)
+    assert "warning: --negative-prompt is ignored" in result.stderr and "--guidance" in result.stderr
+    text = read_parameters(png)
+    assert "Negative prompt" not in text and "blurry" not in text
+
+
+def test_init_image_of_another_shape_is_center_cropped(tiny_bundle, tmp_path):
+    init = tmp_path / "wide.png"
+    Image.new("RGB", (128, 64), "gray").save(init)
+    result = generate(PROMPT, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "1", "--steps", "2",
+                      "--init-image", str(init), "--strength", "0.5", "-o", str(tmp_path / "out"))
+    [png] = written(result)
+    assert "init image is 128x64" in result.stderr and "center 64x64 is used" in result.stderr
+    assert Image.open(png).size == (64, 64)
 
 
 # ------------------------------------------------------------------ refusals
@@ -144,6 +203,72 @@ def one_line_error(result, *fragments: str) -> None:
     assert last.startswith("Error: ")
     for fragment in fragments:
         assert fragment in last, last
+
+
+@pytest.fixture
+def loads(monkeypatch) -> list[str]:
+    """The names of the models the pipeline loads (each backend ``load_model`` call), in order."""
+    from coreml_sd.runtime import pipeline
+
+    names: list[str] = []
+    load = pipeline.load_model
+
+    def counting(path, *args, **kwargs):
+        names.append(path.name)
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_model", counting)
+    return names
+
+
+def test_the_load_counter_counts(tiny_bundle, tmp_path, loads):
+    """The fixture the next test relies on sees a successful run's loads."""
+    written(generate(PROMPT, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--steps", "1", "-o", str(tmp_path)))
+    assert sorted(loads) == ["TextEncoder.mlpackage", "Unet.mlpackage", "VAEDecoder.mlpackage"]
+
+
+def test_mistakes_are_reported_before_any_model_loads(tiny_bundle, tmp_path, loads):
+    bundle = str(tiny_bundle("sd1", "split-einsum"))
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64)).save(init)
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (["--steps", "0"], "steps must be"),
+        (["-n", "0"], "number of images"),
+        (["--height", "128"], "converted for 64x64"),
+        (["--seed", str(2**64)], "outside torch's range"),
+        (["--init-image", str(tmp_path / "missing.png")], "cannot read init image"),
+        (["--init-image", str(init), "--strength", "1.5"], "strength must be"),
+        (["--init-image", str(init), "--strength", "0.05", "--steps", "5"], "raise --strength or --steps"),
+        (["-o", str(tmp_path / "afile" / "sub")], "Not a directory"),
+        (["-o", str(tmp_path / "afile")], "is a file"),
+    ]
+    for args, fragment in cases:
+        out = [] if args[0] == "-o" else ["-o", str(tmp_path / "out")]
+        one_line_error(generate(PROMPT, "--bundle", bundle, *args, *out), fragment)
+        assert loads == [], args
+    assert not (tmp_path / "out").exists()  # a refused request creates no output folder
+
+
+def test_a_failed_save_is_one_line_and_keeps_what_was_written(tiny_bundle, tmp_path, monkeypatch):
+    from coreml_sd.runtime import image
+
+    save = image.save_png
+    calls = []
+
+    def disk_fills_up(picture, params, directory):  # the second file hits a full disk
+        calls.append(params.batch_pos)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(picture, params, directory)
+
+    monkeypatch.setattr(image, "save_png", disk_fills_up)
+    result = generate(PROMPT, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--steps", "1", "-n", "2",
+                      "-o", str(tmp_path))
+    one_line_error(result, "No space left on device", "1 of 2 written")
+    [first] = result.stdout.split()
+    assert Image.open(first).size == (64, 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [Path(first).name]
 
 
 def test_errors(tiny_bundle, tmp_path):
