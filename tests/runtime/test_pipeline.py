@@ -1,10 +1,11 @@
 """The Python API: generator form (pause, resume, finish), requests checked before models load,
-reduce_memory, bundles in Apple's layouts, and (on a Mac) the coreml backend against the mil
-one."""
+reduce_memory, bundles in Apple's layouts, the package's lazy re-exports, and (on a Mac) the
+coreml backend against the mil one."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -281,3 +282,23 @@ def test_coreml_backend_refuses_off_macos(tiny_bundle):
     with pytest.raises(BackendError, match="needs macOS"):
         load_model(tiny_bundle("sd1", "split-einsum") / "Unet.mlpackage", "coreml")
 
+
+# ------------------------------------------------------------------ the package
+
+
+def test_package_reexports_the_api_lazily():
+    """``from coreml_sd import Pipeline`` works, yet ``import coreml_sd`` (what ``coreml-sd
+    --help`` starts with) imports none of numpy, Pillow, coremltools or torch."""
+    code = (
+        "import sys, coreml_sd, coreml_sd.runtime\n"
+        "heavy = [m for m in ('numpy', 'PIL', 'coremltools', 'torch') if m in sys.modules]\n"
+        "from coreml_sd import Pipeline, BundleError\n"
+        "from coreml_sd.runtime import Pipeline as Same, check_request\n"
+        "from coreml_sd.runtime.pipeline import Pipeline as Defined\n"
+        "assert Pipeline is Same is Defined and 'Pipeline' in dir(coreml_sd)\n"
+        "print(','.join(heavy) or 'none')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "none", out.stdout
+    missing = subprocess.run([sys.executable, "-c", "import coreml_sd; coreml_sd.Nope"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "has no attribute 'Nope'" in missing.stderr
