@@ -15,6 +15,8 @@ import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -304,3 +306,37 @@ def test_img2img_needs_a_vae_encoder(tiny_bundle, tmp_path):
     init = tmp_path / "init.png"
     Image.new("RGB", (64, 64)).save(init)
     one_line_error(generate(PROMPT, "--bundle", str(bundle), "--init-image", str(init), "-o", str(tmp_path)), "VAEEncoder", "vae-encoder")
+
+
+def _command() -> list[str]:
+    """The installed ``coreml-sd`` script beside this interpreter (else the module)."""
+    script = Path(sys.executable).with_name("coreml-sd")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "coreml_sd"]
+
+
+def _unreadable_unet(bundle: Path, root: Path) -> Path:
+    """Apple's packages layout of ``bundle`` (no manifest, so no hashes) with a UNet whose model
+    description is garbage: reading it is the first thing that imports coremltools."""
+    root.mkdir()
+    for ours, sub in (("TextEncoder", "text_encoder"), ("Unet", "unet"), ("VAEDecoder", "vae_decoder")):
+        shutil.copytree(bundle / f"{ours}.mlpackage", root / f"Stable_Diffusion_version_tiny_{sub}.mlpackage")
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(bundle / name, root / name)
+    (root / "Stable_Diffusion_version_tiny_unet.mlpackage/Data/com.apple.CoreML/model.mlmodel").write_bytes(b"\xff" * 64)
+    return root
+
+
+@pytest.mark.parametrize("case", ["steps 0", "unreadable model"])
+def test_a_real_process_prints_one_error_line(case, tiny_bundle, tmp_path):
+    """The installed command in its own process, as a user runs it: the error is the only line on
+    stderr (no traceback, and none of coremltools' import-time log lines off macOS)."""
+    bundle = tiny_bundle("sd1", "split-einsum")
+    args = ["--steps", "0"] if case == "steps 0" else []
+    if case == "unreadable model":
+        bundle = _unreadable_unet(bundle, tmp_path / "packages")
+    done = subprocess.run([*_command(), "generate", PROMPT, "--bundle", str(bundle), *args, "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith("Error: ")
+    assert ("steps must be" in line) if case == "steps 0" else ("not a readable Core ML package" in line and "re-convert" in line)
