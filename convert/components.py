@@ -1,13 +1,14 @@
 """What each bundle component is: how to build its torch module and its Core ML interface.
 
 The names, shapes and dtypes are those Apple's Swift ``StableDiffusion`` package feeds and reads
-(``input_ids`` float32 (1, 77) -> ``last_hidden_state``, ``pooled_outputs``; ``sample``,
-``timestep``, ``encoder_hidden_states`` (B, C, 1, 77) -> ``noise_pred``; ``z`` -> ``image``;
-``x`` -> ``latent``), so a bundle made here loads in apps built on that package.
-One deliberate difference: ``timestep`` is declared float32 (Swift hands Core ML float32 arrays
-anyway and reads only the shape), because fractional timesteps of the Euler and DPM schedules
-would be rounded to 0.25 steps in float16; its sinusoidal features are computed in float32 too
-(``export.float32_features_of``).
+(``input_ids`` (1, 77) -> ``last_hidden_state``, ``pooled_outputs``; ``sample``, ``timestep``,
+``encoder_hidden_states`` (B, C, 1, 77) -> ``noise_pred``; ``z`` -> ``image``; ``x`` ->
+``latent``), so a bundle made here loads in apps built on that package. Every input and output is
+declared float32, as Apple's own converter declares them (the Swift code builds float32
+``MLShapedArray``s); the program casts inputs to float16 as its first ops, so the Neural Engine
+still computes in float16. ``timestep`` is the exception inside the program: fractional timesteps
+of the Euler and DPM schedules would be rounded to 0.25 steps in float16, so it and its sinusoidal
+features stay float32 up to the time embedding's first layer (``export.float32_features_of``).
 """
 
 from __future__ import annotations
@@ -94,9 +95,9 @@ def _unet_io(g: Geometry):
     b = g.unet_batch
     return (
         [
-            TensorSpec("sample", (b, 4, h, w), "float16", "Latents, scaled for this timestep by the scheduler"),
+            TensorSpec("sample", (b, 4, h, w), "float32", "Latents, scaled for this timestep by the scheduler"),
             TensorSpec("timestep", (b,), "float32", "Diffusion timestep per batch item"),
-            TensorSpec("encoder_hidden_states", (b, g.text_dim, 1, g.max_length), "float16", "Text embeddings, (B, C, 1, S)"),
+            TensorSpec("encoder_hidden_states", (b, g.text_dim, 1, g.max_length), "float32", "Text embeddings, (B, C, 1, S)"),
         ],
         [TensorSpec("noise_pred", (b, 4, h, w), "float32", "Model prediction (noise or v, per the manifest)")],
     )
@@ -105,7 +106,7 @@ def _unet_io(g: Geometry):
 def _vae_decoder_io(g: Geometry):
     h, w = g.latent
     return (
-        [TensorSpec("z", (1, 4, h, w), "float16", "Latents divided by the VAE scaling factor")],
+        [TensorSpec("z", (1, 4, h, w), "float32", "Latents divided by the VAE scaling factor")],
         [TensorSpec("image", (1, 3, g.height, g.width), "float32", "RGB image in [-1, 1] (unclamped)")],
     )
 
@@ -113,7 +114,7 @@ def _vae_decoder_io(g: Geometry):
 def _vae_encoder_io(g: Geometry):
     h, w = g.latent
     return (
-        [TensorSpec("x", (1, 3, g.height, g.width), "float16", "RGB image in [-1, 1]")],
+        [TensorSpec("x", (1, 3, g.height, g.width), "float32", "RGB image in [-1, 1]")],
         [TensorSpec("latent", (1, 8, h, w), "float32", "Latent mean (channels 0-3) and log-variance (4-7), unscaled")],
     )
 

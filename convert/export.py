@@ -2,8 +2,10 @@
 
 The one place that calls ``torch.jit.trace`` and ``coremltools.convert``. Programs are float16
 compute, macOS 13 / iOS 16 minimum (what Apple's Swift package and its apps target), with the
-input and output types Apple's pipeline feeds and reads: float16 activations in, float32 out
-(float16 outputs crash ``MLShapedArray<Float32>`` conversion on macOS 13).
+input and output types Apple's pipeline feeds and reads: float32 in and out, as Apple's converter
+declares them (float16 outputs crash ``MLShapedArray<Float32>`` conversion on macOS 13). With
+float32 inputs, coremltools' float16 pass puts a cast to float16 right after each input, so the
+program's compute and weights are float16 all the same.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class TensorSpec:
 
     name: str
     shape: tuple[int, ...]
-    dtype: str  # "float16" | "float32"
+    dtype: str  # "float16" | "float32": the type the model declares, whatever it computes in
     description: str = ""
 
     def as_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from coremltools.converters.mil.frontend.milproto import load as mil_load
+from coremltools.converters.mil.mil import types
 from coremltools.proto import FeatureTypes_pb2 as ft
 
 import coreml_sd
@@ -29,7 +30,10 @@ DTYPE = {ft.ArrayFeatureType.FLOAT16: "float16", ft.ArrayFeatureType.FLOAT32: "f
 
 
 def contract(family: str, batch: int = 2) -> dict[str, tuple[dict, dict]]:
-    """What each package must declare: {model: ({input: (shape, dtype)}, {output: (shape, dtype)})}."""
+    """What each package must declare: {model: ({input: (shape, dtype)}, {output: (shape, dtype)})}.
+
+    Every dtype is float32, as Apple's converter declares them (its Swift package hands Core ML
+    float32 arrays); the programs cast to float16 inside."""
     c = TEXT_DIM[family]
     return {
         "TextEncoder": (
@@ -38,15 +42,20 @@ def contract(family: str, batch: int = 2) -> dict[str, tuple[dict, dict]]:
         ),
         "Unet": (
             {
-                "sample": ((batch, 4, 8, 8), "float16"),
+                "sample": ((batch, 4, 8, 8), "float32"),
                 "timestep": ((batch,), "float32"),
-                "encoder_hidden_states": ((batch, c, 1, 77), "float16"),
+                "encoder_hidden_states": ((batch, c, 1, 77), "float32"),
             },
             {"noise_pred": ((batch, 4, 8, 8), "float32")},
         ),
-        "VAEDecoder": ({"z": ((1, 4, 8, 8), "float16")}, {"image": ((1, 3, 64, 64), "float32")}),
-        "VAEEncoder": ({"x": ((1, 3, 64, 64), "float16")}, {"latent": ((1, 8, 8, 8), "float32")}),
+        "VAEDecoder": ({"z": ((1, 4, 8, 8), "float32")}, {"image": ((1, 3, 64, 64), "float32")}),
+        "VAEEncoder": ({"x": ((1, 3, 64, 64), "float32")}, {"latent": ((1, 8, 8, 8), "float32")}),
     }
+
+
+def _op_inputs(op):
+    """Every variable an MIL op reads."""
+    return [v for value in op.inputs.values() for v in (value if isinstance(value, (list, tuple)) else (value,))]
 
 
 def described(features) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -99,12 +108,24 @@ def test_bundle_contract(converted, request):
         spec = model.get_spec()
         assert described(spec.description.input) == inputs
         assert described(spec.description.output) == outputs
+        features = [*spec.description.input, *spec.description.output]
+        assert {f.type.multiArrayType.dataType for f in features} == {ft.ArrayFeatureType.FLOAT32}
         assert spec.WhichOneof("Type") == "mlProgram"
         assert model.user_defined_metadata["coreml-sd.attention"] == attention
         # The ML program itself reads back: the MIL backend will execute exactly this.
         program = mil_load.load(spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir)
-        ops = [op.op_type for op in program.functions["main"].operations]
+        main = program.functions["main"]
+        ops = [op.op_type for op in main.operations]
         assert "einsum" in ops or "matmul" in ops
+        # Declared float32, computed in float16: each activation input is cast to fp16 first; token
+        # ids become integers for the embedding lookup; timestep features stay fp32 (see export.py).
+        for name in inputs:
+            readers = [op for op in main.operations if any(v is main.inputs[name] for v in _op_inputs(op))]
+            first = [(op.op_type, types.builtin_to_string(op.outputs[0].dtype)) for op in readers]
+            if name == "timestep":
+                assert first and all(dtype == "fp32" for _, dtype in first), first
+            else:
+                assert first == [("cast", "int32" if name == "input_ids" else "fp16")], (name, first)
 
 
 def test_v2_bundle_really_chunks(tiny_bundle):
