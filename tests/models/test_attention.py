@@ -46,7 +46,6 @@ def test_v2_computes_the_last_partial_chunk():
     q, k, v = (torch.randn(1, 16, 1, 2304, generator=g) for _ in range(3))
     got = attention(q, k, v, 2, AttentionImpl.SPLIT_EINSUM_V2, query_chunk=512)
     tail = reference(q, k, v, 2)[..., 2048:]
-    assert got[..., 2048:].abs().min() > 0 or rel_err(got[..., 2048:], tail) < 1e-5
     assert rel_err(got[..., 2048:], tail) < 1e-5
 
 
