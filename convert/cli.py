@@ -1,11 +1,13 @@
 """`coreml-sd convert`: one command from a checkpoint to a Core ML bundle.
 
 torch, diffusers and coremltools are imported inside the command, so `coreml-sd --help` and the
-other commands stay fast and torch-free.
+other commands stay fast and torch-free. A base install (the Mac runtime) has no torch at all:
+``require_convert_extra`` turns that into a one-line error naming the extra to install.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -15,6 +17,20 @@ from ..runtime.bundle import COMPONENTS
 
 _ATTENTION = ("original", "split-einsum", "split-einsum-v2")
 _DEFAULT_COMPONENTS = ",".join(COMPONENTS)
+# What the `convert` extra of pyproject.toml installs, as imported (torch first: the others need it).
+CONVERT_EXTRA = ("torch", "safetensors", "transformers", "diffusers")
+
+
+def require_convert_extra(command: str) -> None:
+    """Raise a one-line ``ClickException`` unless every package of the ``convert`` extra imports;
+    commands that convert call it first, before any work."""
+    for name in CONVERT_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            raise click.ClickException(
+                f"{command} needs the convert extra ({exc}): pip install 'coreml-sd[convert]'"
+            ) from None
 
 
 def _components(ctx, param, value: str) -> tuple[str, ...]:
@@ -50,6 +66,7 @@ def convert(source, out, attention, components, height, width, unet_batch_one, r
     SOURCE is a model id on the Hugging Face hub, a local diffusers folder, or a single-file
     .safetensors checkpoint.
     """
+    require_convert_extra("convert")
     from .bundle import OutputError, staging_dir
     from .converter import ConvertError, ConvertOptions, Progress
     from .converter import convert as run
