@@ -44,23 +44,25 @@ class Geometry:
         return self.height // 8, self.width // 8
 
 
-def source_config(source: Source, part: str) -> dict[str, Any]:
+def source_config(source: Source, part: str, missing_ok: bool = False) -> dict[str, Any]:
     """The config of ``part`` (``unet``, ``vae``, ``text_encoder``) as the diffusers / transformers
     class reads it: the file's values over the class's defaults, so that a config.json written
-    without some field means what it means to diffusers. A ``vae`` the source lacks gives the
-    defaults alone (its scaling factor is all a bundle without VAE models records of it)."""
+    without some field means what it means to diffusers. A part the source lacks is a
+    ``SourceError``, or with ``missing_ok`` the class's defaults alone (what a bundle without VAE
+    models records of the VAE it will be used with: diffusers' default scaling factor)."""
+    if missing_ok and not source.has_config(part):
+        file_config: dict[str, Any] = {}
+    else:
+        file_config = getattr(source, f"{part}_config")()
     if part == "text_encoder":
         from transformers import CLIPTextConfig as TransformersConfig
 
-        return TransformersConfig.from_dict(source.text_encoder_config()).to_dict()
+        return TransformersConfig.from_dict(file_config).to_dict()
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
     params = inspect.signature(cls.__init__).parameters.values()
-    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    if part == "vae" and not source.has_config("vae"):
-        return defaults
-    return defaults | getattr(source, f"{part}_config")()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty} | file_config
 
 
 @dataclass(frozen=True)

@@ -248,7 +248,7 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
         "unet_batch": geometry.unet_batch,
         "text_embedding_dim": geometry.text_dim,
         "tokenizer": {"pad_token": pad_token, "max_length": geometry.max_length},
-        "vae": {"scaling_factor": source_config(source, "vae")["scaling_factor"]},
+        "vae": {"scaling_factor": source_config(source, "vae", missing_ok=True)["scaling_factor"]},
         "tools": tools,
     }
     path = writer.finish(manifest, [VOCAB, MERGES, SCHEDULER_CONFIG])

@@ -363,7 +363,7 @@ def test_missing_component(tiny_sd1_dir, tmp_path):
     src = tmp_path / "novae"
     shutil.copytree(tiny_sd1_dir, src)
     shutil.rmtree(src / "vae")
-    one_line_error(run(str(src), "-o", str(tmp_path / "b"), "--components", "text-encoder,vae-decoder"), "vae")
+    one_line_error(run(str(src), "-o", str(tmp_path / "b"), "--components", "text-encoder,vae-decoder"), "has no vae")
     assert not (tmp_path / ".b.partial").exists()
 
 
