@@ -65,7 +65,7 @@ def find_clip_bpe() -> Path:
     raise FileNotFoundError(
         f"CLIP's BPE file ({BPE_RESOURCE}) was not found: open_clip_torch is not installed "
         "(or is incomplete). Install it without its heavy dependencies: "
-        "pip install --no-deps open_clip_torch"
+        "pip install --no-deps open_clip_torch==3.3.0"
     )
 
 

@@ -25,6 +25,9 @@ from ..runtime.schedulers import SCHEDULER_NAMES
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 def demo(root: Path, prompt: str, seed: int, steps: int, scheduler: str, backend: str) -> None:
     """Build a tiny model, convert it to Core ML, and generate an image with it."""
+    from .cli import require_convert_extra
+
+    require_convert_extra("demo")
     from ..runtime.backends import BackendError
     from ..runtime.bundle import BundleError
     from ..runtime.image import save_png
@@ -40,7 +43,10 @@ def demo(root: Path, prompt: str, seed: int, steps: int, scheduler: str, backend
     model = root / "tiny-sd"
     if not (model / "model_index.json").exists():
         say(f"building a tiny SD 1.x-style model (random weights) in {model}")
-        build_tiny_pipeline(model, "sd1", seed=0, sample_size=32)
+        try:
+            build_tiny_pipeline(model, "sd1", seed=0, sample_size=32)
+        except FileNotFoundError as exc:  # the CLIP vocabulary comes from the open_clip_torch wheel
+            raise click.ClickException(str(exc)) from None
     bundle = root / "bundle"
     say(f"converting it to a Core ML bundle in {bundle}")
     convert(open_source(str(model)), bundle, ConvertOptions(overwrite=True), Progress(say))

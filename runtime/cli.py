@@ -30,12 +30,14 @@ from .schedulers import SCHEDULER_NAMES
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="auto: coreml on macOS, mil elsewhere.")
 @click.option("--compute-units", type=click.Choice(COMPUTE_UNITS), default="CPU_AND_NE", show_default=True)
 @click.option("--reduce-memory", is_flag=True, help="Load each model just before use and release it after.")
+@click.option("--precision", type=click.Choice(["float16", "float32"]),
+              help="mil backend only: float32 keeps float16 activations in float32 (to debug an overflow; not what a Mac computes).")
 @click.option("--rng", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True, help="Noise source.")
 @click.option("--height", type=int, help="Must match the bundle (default: its size).")
 @click.option("--width", type=int, help="Must match the bundle (default: its size).")
 @click.option("-o", "--output", "out", default=Path("."), show_default=True, type=click.Path(path_type=Path), help="Folder for the PNG files (created if needed).")
 def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negative_prompt, init_image, strength,
-             backend, compute_units, reduce_memory, rng, height, width, out):
+             backend, compute_units, reduce_memory, precision, rng, height, width, out):
     """Generate images for PROMPT with a converted bundle.
 
     Everything that can be checked without the models (bundle, options, init image, output
@@ -74,7 +76,7 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
                  f"its center {right - left:.0f}x{lower - upper:.0f} is used")
 
     try:
-        pipe = Pipeline(opened, backend=backend, compute_units=compute_units, reduce_memory=reduce_memory)
+        pipe = Pipeline(opened, backend=backend, compute_units=compute_units, reduce_memory=reduce_memory, precision=precision)
         run = pipe.generate(request)
         if run.truncated:
             warn(f"the prompt is longer than 77 tokens; ignored: {run.truncated!r}")

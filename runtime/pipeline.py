@@ -229,12 +229,18 @@ class Pipeline:
     VAE decoder load on construction (``load_time`` seconds) and are reused by every request; with
     it, each model loads just before use and is released after."""
 
-    def __init__(self, bundle: Bundle, backend: str = "auto", compute_units: str = "CPU_AND_NE", reduce_memory: bool = False):
+    def __init__(self, bundle: Bundle, backend: str = "auto", compute_units: str = "CPU_AND_NE", reduce_memory: bool = False,
+                 precision: str | None = None):
         missing = [name for name in REQUIRED if not bundle.has(name)]
         if missing:
             raise BundleError(f"{bundle.path}: the bundle has no {', '.join(missing)}; convert it with those components")
         self.bundle = bundle
         self.backend = default_backend() if backend == "auto" else backend
+        if precision not in (None, "float16", "float32"):
+            raise GenerationError(f"precision {precision!r}: use float16 (as the bundle declares) or float32")
+        if precision == "float32" and self.backend != "mil":
+            raise GenerationError("--precision float32 is a debugging option of the mil backend; add --backend mil")
+        self.precision = precision
         self.compute_units = compute_units
         self.reduce_memory = reduce_memory
         if self.backend != "coreml":
@@ -262,8 +268,11 @@ class Pipeline:
         compute_units: str = "CPU_AND_NE",
         reduce_memory: bool = False,
         verify: bool = True,
+        precision: str | None = None,
     ) -> Pipeline:
-        return cls(open_bundle(path, verify=verify), backend, compute_units, reduce_memory)
+        """``precision="float32"`` (mil backend only) keeps the activations the programs declare
+        float16 in float32: for finding a float16 overflow, never what a device computes."""
+        return cls(open_bundle(path, verify=verify), backend, compute_units, reduce_memory, precision)
 
     def _load(self, name: str) -> Model:
         files: ModelFiles = self.bundle.models[name]
@@ -275,7 +284,7 @@ class Pipeline:
                 raise GenerationError(
                     f"{self.bundle.path}: {name} exists only as compiled .mlmodelc, which only the coreml backend (macOS) runs"
                 )
-        models = [load_model(p, self.backend, self.compute_units) for p in paths]
+        models = [load_model(p, self.backend, self.compute_units, precision=self.precision) for p in paths]
         return models[0] if len(models) == 1 else ChainedModel(models)
 
     # ------------------------------------------------------------------ the API

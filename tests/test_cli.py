@@ -64,10 +64,6 @@ def test_convert_on_a_base_install(tmp_path: Path, torch_importable: bool) -> No
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="convert/demo.py must call coreml_sd.convert.cli.require_convert_extra('demo') first (not this file's owner)",
-)
 def test_demo_on_a_base_install(tmp_path: Path) -> None:
     result = run_cli("demo", "--dir", str(tmp_path / "demo"), torch_importable=False)
     assert result.returncode == 1
