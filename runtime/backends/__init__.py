@@ -156,7 +156,7 @@ def load_spec(path: Path):
     try:
         return ct.utils.load_spec(str(path))
     except Exception as exc:  # protobuf and coremltools raise assorted exception types here
-        raise BackendError(f"{path}: not a readable Core ML package ({exc}); re-convert it") from None
+        raise BackendError(f"{path}: not a readable Core ML package ({exc}); re-convert it (or download it again)") from None
 
 
 def check_inputs(

@@ -96,7 +96,7 @@ class MILModel:
         try:  # a truncated weight.bin fails here (numpy "index out of bounds", storage reader errors)
             program = mil_load.load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights))
         except Exception as exc:
-            raise BackendError(f"{self.path}: its program or weights cannot be read ({exc}); the package is damaged, re-convert it") from None
+            raise BackendError(f"{self.path}: its program or weights cannot be read ({exc}); the package is damaged, re-convert it (or download it again)") from None
         if "main" not in program.functions:
             names = ", ".join(sorted(program.functions)) or "none"
             raise BackendError(f"{self.path}: its program has no 'main' function (it has: {names}); re-convert it as a single-function package")
