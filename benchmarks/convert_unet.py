@@ -1,7 +1,7 @@
 """Conversion cost of a full-size UNet: SD 1.5's architecture (random weights, no download),
 wrapped for the Neural Engine and converted to a float16 ML program.
 
-    python benchmarks/convert_unet.py [--attention split-einsum] [--keep DIR]
+    python benchmarks/convert_unet.py [--attention split-einsum] [--keep PATH.mlpackage]
 
 Prints wall time per stage (build, wrap, trace, convert, save) and the process's peak resident
 memory, and writes them as JSON to benchmarks/results/project/convert_unet_sd15.json. Goal: fits a
@@ -28,7 +28,7 @@ from coreml_sd.models import load_unet
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--attention", default="split-einsum")
-    parser.add_argument("--keep", type=Path, help="save the package here instead of a temporary folder")
+    parser.add_argument("--keep", type=Path, help="save the package as PATH.mlpackage instead of in a temporary folder")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "project" / "convert_unet_sd15.json")
     args = parser.parse_args()
 
@@ -48,17 +48,18 @@ def main() -> None:
     del ref
     gc.collect()
     mark("wrap", t)
-    inputs, outputs = COMPONENT_SPECS["unet"].interface(Geometry(512, 512, 2, 768))
+    inputs, outputs = COMPONENT_SPECS["unet"].interface(Geometry(512, 512, 2, 768))  # as `coreml-sd convert` declares them
     t = time.perf_counter()
     traced = trace(unet, inputs)
     mark("trace", t)
     t = time.perf_counter()
-    mlmodel = to_coreml(traced, inputs, outputs, {}, "SD 1.5 UNet (random weights)")
+    spec = COMPONENT_SPECS["unet"]
+    mlmodel = to_coreml(traced, inputs, outputs, {}, "SD 1.5 UNet (random weights)", spec.float32_features)
     del unet, traced
     gc.collect()
     mark("convert", t)
     with tempfile.TemporaryDirectory() as tmp:
-        target = args.keep or Path(tmp) / "Unet.mlpackage"
+        target = args.keep.with_suffix(".mlpackage") if args.keep else Path(tmp) / "Unet.mlpackage"  # coremltools adds the suffix
         t = time.perf_counter()
         mlmodel.save(str(target))
         mark("save", t)
