@@ -30,6 +30,7 @@ def demo(root: Path, prompt: str, seed: int, steps: int, scheduler: str, backend
     require_convert_extra("demo")
     from ..runtime.backends import BackendError
     from ..runtime.bundle import BundleError
+    from ..runtime.cli import denoise_with_progress
     from ..runtime.image import save_png
     from ..runtime.pipeline import GenerationError, Pipeline
     from .converter import ConvertOptions, Progress, convert
@@ -54,10 +55,7 @@ def demo(root: Path, prompt: str, seed: int, steps: int, scheduler: str, backend
     try:
         pipe = Pipeline.from_bundle(bundle, backend=backend)
         run = pipe.start(prompt, steps=steps, seed=seed, scheduler=scheduler)
-        with click.progressbar(length=run.remaining, label=f"generating ({pipe.backend})", file=click.get_text_stream("stderr")) as bar:
-            for _ in run:
-                bar.update(1)
-        result = run.finish()
+        result = denoise_with_progress(run, f"generating ({pipe.backend})")
     except (BackendError, BundleError, GenerationError) as exc:
         raise click.ClickException(str(exc)) from None
     try:

@@ -14,6 +14,14 @@ from .backends import BACKENDS, COMPUTE_UNITS
 from .schedulers import SCHEDULER_NAMES
 
 
+def denoise_with_progress(run, label: str):
+    """Iterate a ``Generation`` under a progress bar on stderr (one tick per step), then decode."""
+    with click.progressbar(length=run.remaining, label=label, file=click.get_text_stream("stderr")) as bar:
+        for _ in run:
+            bar.update(1)
+    return run.finish()
+
+
 @click.command()
 @click.argument("prompt")
 @click.option("--bundle", "bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory (ours or Apple's).")
@@ -83,10 +91,7 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
         if run.negative_truncated:
             warn(f"the negative prompt is longer than 77 tokens; ignored: {run.negative_truncated!r}")
         label = f"{pipe.backend} {compute_units if pipe.backend == 'coreml' else ''}".strip()
-        with click.progressbar(length=run.remaining, label=f"denoising ({label})", file=click.get_text_stream("stderr")) as bar:
-            for _ in run:
-                bar.update(1)
-        result = run.finish()
+        result = denoise_with_progress(run, f"denoising ({label})")
     except (BundleError, BackendError, GenerationError) as exc:
         raise click.ClickException(str(exc)) from None
     for i, (picture, params) in enumerate(zip(result.images, result.parameters)):

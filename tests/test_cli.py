@@ -70,3 +70,28 @@ def test_demo_on_a_base_install(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("Error: demo needs the convert extra (")
     assert not (tmp_path / "demo").exists()
+
+
+# ------------------------------------------------------------------ the README's first command
+
+
+def test_demo_builds_converts_and_generates(tmp_path: Path) -> None:
+    """`coreml-sd demo` as README's first command runs it (fewer steps): a PNG with its generation
+    parameters; a second run reuses the model and every converted component and writes a new
+    file beside the first, never over it."""
+    from PIL import Image
+
+    from coreml_sd.runtime.image import read_parameters
+
+    root = tmp_path / "demo"
+    first = CliRunner().invoke(main, ["demo", "--dir", str(root), "--steps", "2"])
+    assert first.exit_code == 0, first.output
+    png = Path(first.stdout.strip().splitlines()[-1].removeprefix("image written to "))
+    assert png.parent == root / "images" and png.is_file()
+    assert Image.open(png).size == (256, 256)
+    assert "Steps: 2, Sampler: " in read_parameters(png)
+    second = CliRunner().invoke(main, ["demo", "--dir", str(root), "--steps", "2"])
+    assert second.exit_code == 0, second.output
+    assert second.stderr.count("unchanged: reused") == 4 and "building a tiny" not in second.stderr
+    again = Path(second.stdout.strip().splitlines()[-1].removeprefix("image written to "))
+    assert again != png and again.read_bytes() == png.read_bytes()  # same seed, same image, new file
