@@ -72,12 +72,14 @@ class Progress:
 
 
 def tool_versions() -> dict[str, str]:
-    import coremltools
     import diffusers
     import numpy
     import torch
     import transformers
 
+    from ..runtime.backends import import_coremltools
+
+    coremltools = import_coremltools()
     return {
         "coreml-sd": __version__,
         "coremltools": coremltools.__version__,

@@ -100,7 +100,9 @@ def to_coreml(
     ``precision``: "float16" (what the Neural Engine runs) or "float32" (CPU/GPU only).
     ``float32_features``: inputs whose element-wise features stay float32 in a float16 program
     (see ``float32_features_of``)."""
-    import coremltools as ct
+    from ..runtime.backends import import_coremltools
+
+    ct = import_coremltools()  # without its Linux import noise
 
     if precision not in ("float16", "float32"):
         raise ValueError(f"precision {precision!r}: use float16 or float32")
@@ -136,7 +138,9 @@ def can_compile() -> bool:
 def compile_package(package: Path, destination: Path) -> Path:
     """Compile ``X.mlpackage`` to ``destination`` (``X.mlmodelc``) with coremltools' binding of
     the Core ML compiler (no Xcode needed). Any failure is a ``CompileError``."""
-    import coremltools as ct
+    from ..runtime.backends import import_coremltools
+
+    ct = import_coremltools()  # without its Linux import noise
 
     if destination.exists():
         shutil.rmtree(destination)
