@@ -6,6 +6,7 @@ imported inside the command.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -16,7 +17,7 @@ from .schedulers import SCHEDULER_NAMES
 
 def denoise_with_progress(run, label: str):
     """Iterate a ``Generation`` under a progress bar on stderr (one tick per step), then decode."""
-    with click.progressbar(length=run.remaining, label=label, file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=run.remaining, label=label, file=sys.stderr) as bar:
         for _ in run:
             bar.update(1)
     return run.finish()
