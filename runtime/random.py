@@ -144,47 +144,9 @@ class PlatformLibm:
 # the float32 result (double rounding is innocuous when 53 >= 2 * 24 + 2). A fused multiply-add is
 # one float64 add of the exact product, then rounding to float32: right unless the float64 sum was
 # inexact and landed exactly on a float32 rounding midpoint, where the second rounding can go the
-# wrong way. `_fma_checked` repairs that case. The kernels use `fma_into`, which does not look:
-# their inputs are the 2**24 possible uniforms, and over all of them no fused step of either
-# kernel meets that case (tests/runtime/test_random.py checks every one).
-
-
-def _sum_and_error(a, b, c) -> tuple[np.ndarray, np.ndarray]:
-    """s = float64(a*b + c) and the exact error a*b + c - s (error-free TwoSum; a*b is exact)."""
-    p = np.multiply(a, b)
-    s = p + c
-    v = s - p
-    return s, (p - (s - v)) + (c - v)
-
-
-def double_rounding_hazards(a, b, c) -> np.ndarray:
-    """Mask of elements where float64(a*b + c) lies exactly on a float32 rounding midpoint (low
-    29 bits 1000...0) although a*b + c itself does not: where `fma_into` could round wrongly."""
-    a, b, c = np.broadcast_arrays(a, b, c)
-    s = np.multiply(a, b)
-    s += c
-    hazard = (s.view(np.int64) & 0x1FFFFFFF) == 0x10000000
-    idx = np.nonzero(hazard)  # few: check just these
-    _, err = _sum_and_error(a[idx], b[idx], c[idx])
-    hazard[idx] = err != 0
-    return hazard
-
-
-def _fma_checked(a, b, c) -> np.ndarray:
-    """Fused float32 a*b + c for any float32 values held in float64, as float64: at a hazard the
-    float64 sum moves one float64 ulp towards the true value, so that rounding goes the right way."""
-    s, err = _sum_and_error(a, b, c)
-    hazard = ((s.view(np.int64) & 0x1FFFFFFF) == 0x10000000) & (err != 0)
-    if hazard.any():
-        s.view(np.int64)[hazard] += np.where((err[hazard] > 0) == (s[hazard] > 0), 1, -1)
-    return s.astype(F32).astype(F64)
-
-
-def _fma32(a, b, c) -> np.ndarray:
-    """Fused float32 a*b + c, rounded once, on float32 inputs (arrays or scalars), as float32."""
-    shape = np.broadcast_shapes(np.shape(a), np.shape(b), np.shape(c))
-    a, b, c = (np.broadcast_to(np.asarray(v, dtype=F64), shape).reshape(-1) for v in (a, b, c))
-    return _fma_checked(a, b, c).astype(F32).reshape(shape)
+# wrong way. The kernels use `fma_into`, which does not repair that case: their inputs are the
+# 2**24 possible uniforms, and over all of them no fused step of either kernel meets it
+# (tests/runtime/test_random.py checks every one, with the hazard test and repair it would need).
 
 
 def round32(x: np.ndarray, f32: np.ndarray) -> np.ndarray:
@@ -196,16 +158,10 @@ def round32(x: np.ndarray, f32: np.ndarray) -> np.ndarray:
 
 def fma_into(a, b, c, out: np.ndarray, f32: np.ndarray) -> np.ndarray:
     """out = fused float32 a*b + c, for float32 values held in float64; `out` may be `a` or `b`,
-    not `c`. Exact wherever `double_rounding_hazards` finds nothing (see above)."""
+    not `c`. Exact except at the double-rounding hazard described above."""
     np.multiply(a, b, out=out)
     out += c
     return round32(out, f32)
-
-
-def fma_checked_into(a, b, c, out: np.ndarray, f32: np.ndarray) -> np.ndarray:
-    """`fma_into` for any inputs (`_fma_checked`); for tests of the kernels."""
-    np.copyto(out, _fma_checked(a, b, c))
-    return out
 
 
 class Avx2Kernel:

@@ -24,9 +24,7 @@ from coreml_sd.runtime.random import (
     NumpyRandom,
     PlatformLibm,
     TorchRandom,
-    _fma32,
     detect_variant,
-    double_rounding_hazards,
     fma_into,
     make_rng,
 )
@@ -210,6 +208,48 @@ def test_seed_range_matches_torch(ref_dir):
 
 
 # ---------------------------------------------------------------- pieces
+
+
+# The double-rounding hazard of `fma_into` (see runtime/random.py), and the repair it would need:
+# the runtime kernels never meet the hazard (checked below for every input), so these live here.
+
+
+def _sum_and_error(a, b, c) -> tuple[np.ndarray, np.ndarray]:
+    """s = float64(a*b + c) and the exact error a*b + c - s (error-free TwoSum; a*b is exact)."""
+    p = np.multiply(a, b)
+    s = p + c
+    v = s - p
+    return s, (p - (s - v)) + (c - v)
+
+
+def double_rounding_hazards(a, b, c) -> np.ndarray:
+    """Mask of elements where float64(a*b + c) lies exactly on a float32 rounding midpoint (low
+    29 bits 1000...0) although a*b + c itself does not: where `fma_into` could round wrongly."""
+    a, b, c = np.broadcast_arrays(a, b, c)
+    s = np.multiply(a, b)
+    s += c
+    hazard = (s.view(np.int64) & 0x1FFFFFFF) == 0x10000000
+    idx = np.nonzero(hazard)  # few: check just these
+    _, err = _sum_and_error(a[idx], b[idx], c[idx])
+    hazard[idx] = err != 0
+    return hazard
+
+
+def _fma_checked(a, b, c) -> np.ndarray:
+    """Fused float32 a*b + c for any float32 values held in float64, as float64: at a hazard the
+    float64 sum moves one float64 ulp towards the true value, so that rounding goes the right way."""
+    s, err = _sum_and_error(a, b, c)
+    hazard = ((s.view(np.int64) & 0x1FFFFFFF) == 0x10000000) & (err != 0)
+    if hazard.any():
+        s.view(np.int64)[hazard] += np.where((err[hazard] > 0) == (s[hazard] > 0), 1, -1)
+    return s.astype(np.float32).astype(np.float64)
+
+
+def _fma32(a, b, c) -> np.ndarray:
+    """Fused float32 a*b + c, rounded once, on float32 inputs (arrays or scalars), as float32."""
+    shape = np.broadcast_shapes(np.shape(a), np.shape(b), np.shape(c))
+    a, b, c = (np.broadcast_to(np.asarray(v, dtype=np.float64), shape).reshape(-1) for v in (a, b, c))
+    return _fma_checked(a, b, c).astype(np.float32).reshape(shape)
 
 
 def _round_f32(x: Fraction) -> np.float32:
