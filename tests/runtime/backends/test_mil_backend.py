@@ -294,7 +294,7 @@ COMPRESSIONS_IOS18 = {
 
 
 @pytest.mark.parametrize("compression", list(COMPRESSIONS_IOS18))
-def test_compressed_weights_decompress_exactly_ios18(compression, tmp_path):
+def test_compressed_weights_decompress_exactly_ios18(compression, program_package, tmp_path):
     rng = np.random.default_rng(0)
     conv_w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
     linear_w = rng.standard_normal((48, 64)).astype(np.float32)
@@ -304,10 +304,8 @@ def test_compressed_weights_decompress_exactly_ios18(compression, tmp_path):
         y = mb.reshape(x=mb.conv(x=x, weight=conv_w, pad_type="same"), shape=[1, 32, 64])
         return mb.linear(x=y, weight=linear_w, name="y")
 
-    dense = tmp_path / "Dense.mlpackage"
-    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                       compute_precision=ct.precision.FLOAT16, skip_model_load=True)
-    model.save(str(dense))
+    dense = program_package(prog, "Dense", target=ct.target.iOS18)
+    model = ct.models.MLModel(str(dense), skip_model_load=True)
     how, config, ops = COMPRESSIONS_IOS18[compression]
     feeds = {"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32)}
     _check_decompression(dense, _compress(model, how, **dict(config)), ops, feeds, tmp_path)
