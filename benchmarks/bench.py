@@ -40,7 +40,6 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 SEED = 0
 GUIDANCE = 7.5
 SCHEDULER = "dpmpp-2m-karras"
-NEEDED = ("TextEncoder", "Unet", "VAEDecoder")  # what one text-to-image generation runs
 # Modules a backend imports on first use. The child imports them before the cold-load timer
 # starts: importing coremltools (and torch, for mil) takes seconds and is not model loading.
 BACKEND_MODULES = {
@@ -64,12 +63,16 @@ def _peak_rss() -> int:
 def check_bundle(bundle: Bundle, backend: str) -> None:
     """Raise ``BundleError`` (one line: what is missing and the fix) when ``backend`` cannot run
     a text-to-image generation with ``bundle``."""
-    missing = [name for name in NEEDED if not bundle.has(name)]
+    # The pipeline's own list of what a generation runs; imported here, not at the top, so that in
+    # the child importing the pipeline stays inside the timed backend import (import_s).
+    from ..runtime.pipeline import REQUIRED
+
+    missing = [name for name in REQUIRED if not bundle.has(name)]
     if missing:
-        raise BundleError(f"{bundle.path}: the bundle has no {', '.join(missing)}; bench needs {', '.join(NEEDED)} "
+        raise BundleError(f"{bundle.path}: the bundle has no {', '.join(missing)}; bench needs {', '.join(REQUIRED)} "
                           f"(convert with --components text-encoder,unet,vae-decoder)")
     if backend == "mil":
-        compiled_only = [name for name in NEEDED if not bundle.models[name].packages]
+        compiled_only = [name for name in REQUIRED if not bundle.models[name].packages]
         if compiled_only:
             raise BundleError(f"{bundle.path}: {', '.join(compiled_only)} exist only as compiled .mlmodelc, which the mil "
                               "backend cannot run; bench the .mlpackage files (Apple's packages/ folder) instead")
