@@ -7,6 +7,7 @@ Tests use small purpose-built programs (fast); the coreml backend's cases run on
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,6 +78,14 @@ def test_inputs_must_be_a_mapping(backend, mixed_package):
     model = load_model(mixed_package, backend=backend)
     for given, kind in ((list(VALID.values()), "list"), (None, "NoneType"), (VALID["x"], "ndarray")):
         with pytest.raises(BackendError, match=rf"^Mixed.mlpackage: inputs must be a mapping of input name to array, not {kind}$"):
+            model.predict(given)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_names_that_do_not_match_are_listed(backend, mixed_package):
+    model = load_model(mixed_package, backend=backend)
+    for given, names in (({"x": VALID["x"]}, "['x']"), ({**VALID, 7: VALID["x"]}, "['7', 'i', 'x']")):
+        with pytest.raises(BackendError, match=re.escape(f"Mixed.mlpackage: inputs {names} do not match the model's ['i', 'x']")):
             model.predict(given)
 
 
