@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..runtime.backends import COMPUTE_UNITS, default_backend, require
+from ..runtime.backends import COMPUTE_UNITS, default_backend, import_coremltools, require
 from ..runtime.bundle import Bundle, BundleError, open_bundle
 from . import energy, machine
 from .schema import SCHEMA_VERSION
@@ -40,11 +40,12 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 SEED = 0
 GUIDANCE = 7.5
 SCHEDULER = "dpmpp-2m-karras"
-# Modules a backend imports on first use. The child imports them before the cold-load timer
-# starts: importing coremltools (and torch, for mil) takes seconds and is not model loading.
+# Modules a backend imports on first use, besides coremltools itself. The child imports them
+# before the cold-load timer starts: importing coremltools (and torch, for mil) takes seconds and
+# is not model loading.
 BACKEND_MODULES = {
-    "coreml": ("coreml_sd.runtime.pipeline", "coremltools", "coreml_sd.runtime.backends.coreml"),
-    "mil": ("coreml_sd.runtime.pipeline", "coremltools", "coremltools.converters.mil.frontend.milproto.load",
+    "coreml": ("coreml_sd.runtime.pipeline", "coreml_sd.runtime.backends.coreml"),
+    "mil": ("coreml_sd.runtime.pipeline", "coremltools.converters.mil.frontend.milproto.load",
             "coremltools.converters.mil.mil.types", "coreml_sd.runtime.backends.mil"),
 }
 
@@ -81,6 +82,7 @@ def check_bundle(bundle: Bundle, backend: str) -> None:
 def import_backend(backend: str) -> float:
     """Import everything ``backend`` needs to load a model; the seconds it took."""
     t = time.perf_counter()
+    import_coremltools()  # the runtime's way: without the lines it logs on import off macOS
     for module in BACKEND_MODULES[backend]:
         importlib.import_module(module)
     return time.perf_counter() - t
