@@ -91,20 +91,33 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def _architectures(source: Source, components: list[Component]) -> dict[str, Any]:
-    """Each requested component's module config, built from the source's config files.
+def _configs(source: Source, components: list[Component]) -> dict[str, dict[str, Any]]:
+    """Every config the conversion reads, each read once, as diffusers / transformers read it
+    (``source_config``): the UNet's (sizes come from it), that of each part a requested component
+    is built from (a part the pipeline lacks is a ``SourceError``), and the VAE's in any case: the
+    manifest records its scaling factor (diffusers' default for a pipeline without VAE)."""
+    parts = dict.fromkeys(["unet", *(comp.source_part for comp in components)])
+    configs = {part: source_config(source, part) for part in parts}
+    if "vae" not in configs:
+        configs["vae"] = source_config(source, "vae", missing_ok=True)
+    return configs
+
+
+def _architectures(source_id: str, components: list[Component], configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each requested part's module config (``text_encoder``, ``unet``, ``vae``), from ``configs``.
 
     Cheap, and the place where a variant our modules do not implement (an LCM UNet's
     ``time_cond_proj_dim``, a VAE with a ``shift_factor``, ...) is refused, before any work."""
     architectures = {}
     for comp in components:
-        config = source_config(source, comp.source_part)  # SourceError if the pipeline lacks it
+        if comp.source_part in architectures:  # the VAE's decoder and encoder: one config
+            continue
         try:
-            architectures[comp.cli_name] = comp.architecture(config)
+            architectures[comp.source_part] = comp.architecture(configs[comp.source_part])
         except KeyError as exc:
-            raise ConvertError(f"{source.id}: its {comp.source_part} config has no field {exc}; {SUPPORTED}") from None
+            raise ConvertError(f"{source_id}: its {comp.source_part} config has no field {exc}; {SUPPORTED}") from None
         except (ValueError, TypeError) as exc:
-            raise ConvertError(f"{source.id}: {exc}; {SUPPORTED}") from None
+            raise ConvertError(f"{source_id}: {exc}; {SUPPORTED}") from None
     return architectures
 
 
@@ -123,10 +136,9 @@ def _image_side(name: str, requested: int | None, native: int | None, unet_facto
     return side
 
 
-def _geometry(source: Source, opts: ConvertOptions, architectures: dict[str, Any]) -> Geometry:
-    """Sizes for every component, from the UNet's config (every pipeline has one) and the flags;
-    the parts of the pipeline a requested component does not use are not read."""
-    unet = source_config(source, "unet")
+def _geometry(source_id: str, opts: ConvertOptions, unet: dict[str, Any], architectures: dict[str, Any]) -> Geometry:
+    """Sizes for every component, from the UNet's config ``unet`` (every pipeline has one) and the
+    flags; checked against the requested parts' ``architectures``."""
     unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
     native = unet["sample_size"] * VAE_SCALE if unet.get("sample_size") else None
     height = _image_side("height", opts.height, native, unet_factor)
@@ -134,17 +146,15 @@ def _geometry(source: Source, opts: ConvertOptions, architectures: dict[str, Any
     if opts.unet_batch not in (1, 2):
         raise ConvertError(f"UNet batch {opts.unet_batch}: use 2 (default) or 1 (--unet-batch-one)")
     geometry = Geometry(height, width, opts.unet_batch, unet["cross_attention_dim"])
-    text = architectures.get("text-encoder")
+    text = architectures.get("text_encoder")
     if text is not None and (text.hidden_size, text.max_length) != (geometry.text_dim, geometry.max_length):
         raise ConvertError(
-            f"{source.id}: its text encoder gives {text.max_length} x {text.hidden_size} embeddings, its UNet reads"
+            f"{source_id}: its text encoder gives {text.max_length} x {text.hidden_size} embeddings, its UNet reads"
             f" {geometry.max_length} x {geometry.text_dim}: the parts are not of one Stable Diffusion pipeline"
         )
-    for name in ("vae-decoder", "vae-encoder"):
-        vae = architectures.get(name)
-        if vae is not None and 2 ** (len(vae.block_out_channels) - 1) != VAE_SCALE:
-            scale = 2 ** (len(vae.block_out_channels) - 1)
-            raise ConvertError(f"{source.id}: its VAE scales images by {scale}, not {VAE_SCALE} as SD's does; {SUPPORTED}")
+    vae = architectures.get("vae")
+    if vae is not None and (scale := 2 ** (len(vae.block_out_channels) - 1)) != VAE_SCALE:
+        raise ConvertError(f"{source_id}: its VAE scales images by {scale}, not {VAE_SCALE} as SD's does; {SUPPORTED}")
     return geometry
 
 
@@ -156,8 +166,9 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
     if unknown or not opts.components:
         raise ConvertError(f"unknown component {', '.join(unknown) or '(none)'}: choose from {', '.join(COMPONENT_SPECS)}")
     components = [COMPONENT_SPECS[c] for c in DEFAULT_COMPONENTS if c in opts.components]
-    architectures = _architectures(source, components)  # a component the checkpoint lacks fails here
-    geometry = _geometry(source, opts, architectures)
+    configs = _configs(source, components)  # a component the checkpoint lacks fails here
+    architectures = _architectures(source.id, components, configs)
+    geometry = _geometry(source.id, opts, configs["unet"], architectures)
     do_compile = can_compile() if opts.compile is None else opts.compile
     if do_compile and not can_compile():
         raise ConvertError("compiling to .mlmodelc needs macOS (Core ML); drop --compile on this system")
@@ -250,7 +261,7 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
         "unet_batch": geometry.unet_batch,
         "text_embedding_dim": geometry.text_dim,
         "tokenizer": {"pad_token": pad_token, "max_length": geometry.max_length},
-        "vae": {"scaling_factor": source_config(source, "vae", missing_ok=True)["scaling_factor"]},
+        "vae": {"scaling_factor": configs["vae"]["scaling_factor"]},
         "tools": tools,
     }
     path = writer.finish(manifest, [VOCAB, MERGES, SCHEDULER_CONFIG])
