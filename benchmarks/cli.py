@@ -35,14 +35,14 @@ def _cannot_write(path: Path) -> str | None:
     return None
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write(path: Path, data: bytes) -> None:
     """Write a derived file (report, plot) whole, creating its folder; one-line error otherwise."""
     if why := _cannot_write(path):
         raise click.ClickException(f"cannot write {path}: {why}; choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -113,13 +113,12 @@ def report(files, out, plot_path):
     if not records:
         raise click.ClickException("no valid benchmark record among the files given")
     text, rows = build_report(records, invalid)
-    _write_text(out, text + "\n")
+    _write(out, (text + "\n").encode())  # UTF-8 whatever the locale: the report has ★, – and →
     click.echo(str(out))
     if plot_path:
         try:
             png = plot(rows)
         except PlotError as exc:
             raise click.ClickException(str(exc)) from None
-        plot_path.parent.mkdir(parents=True, exist_ok=True)
-        plot_path.write_bytes(png)
+        _write(plot_path, png)  # whole or not at all, like the report
         click.echo(str(plot_path))
