@@ -28,6 +28,8 @@ from ..runtime.bundle import COMPONENTS
 from .export import TensorSpec
 from .source import Source
 
+VAE_SCALE = 8  # image side / latent side of every SD 1.x / 2.x VAE, as Apple's pipeline assumes
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -41,7 +43,7 @@ class Geometry:
 
     @property
     def latent(self) -> tuple[int, int]:
-        return self.height // 8, self.width // 8
+        return self.height // VAE_SCALE, self.width // VAE_SCALE
 
 
 def source_config(source: Source, part: str, missing_ok: bool = False) -> dict[str, Any]:

@@ -26,12 +26,11 @@ from .. import __version__
 from ..models import AttentionImpl
 from ..runtime.bundle import MERGES, SCHEDULER_CONFIG, VOCAB
 from .bundle import BundleWriter, recipe_hash
-from .components import COMPONENT_SPECS, Component, Geometry, source_config
+from .components import COMPONENT_SPECS, VAE_SCALE, Component, Geometry, source_config
 from .export import can_compile, compile_package, to_coreml, trace
 from .source import SUPPORTED, Source
 
 DEFAULT_COMPONENTS = ("text-encoder", "unet", "vae-decoder", "vae-encoder")
-VAE_SCALE = 8  # image side / latent side of every SD 1.x / 2.x VAE, as Apple's pipeline assumes
 
 
 class ConvertError(Exception):
