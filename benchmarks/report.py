@@ -168,6 +168,9 @@ def build_report(records: list[tuple[Path, dict]], invalid: list[str]) -> tuple[
 def plot_figure(rows: list[dict]):
     """A matplotlib figure: one panel per model and image size (each with its own scale), chips
     along x, one bar per configuration; the legend sits below the panels."""
+    ok = [r for r in rows if r["result"]["status"] == "ok"]
+    if not ok:  # no panel to draw (matplotlib refuses a figure of zero rows)
+        raise PlotError("nothing to plot: every configuration in these records failed (the report says why)")
     try:
         import matplotlib
 
@@ -175,7 +178,6 @@ def plot_figure(rows: list[dict]):
         import matplotlib.pyplot as plt
     except ImportError:
         raise PlotError("the plot needs matplotlib: pip install 'coreml-sd[plot]'") from None
-    ok = [r for r in rows if r["result"]["status"] == "ok"]
     panels = sorted({(r["model"], r["size"]) for r in ok})
     configs = sorted({_config(r) for r in ok})
     colors = {c: plt.get_cmap("tab10" if len(configs) <= 10 else "tab20")(i % 20) for i, c in enumerate(configs)}

@@ -149,6 +149,20 @@ def test_report_paths_that_cannot_be_written(linux, tmp_path):
     assert not (tmp_path / "r.md").exists()
 
 
+def test_plot_of_records_where_every_configuration_failed(linux, tmp_path):
+    """Nothing measured, nothing to plot: one line saying so (the report itself is written)."""
+    base = json.loads(linux.read_text())
+    failed = {**base, "results": [{"compute_units": "CPU_ONLY", "backend": "mil", "status": "failed", "error": "x"}]}
+    plot_path = tmp_path / "p.png"
+    result = CliRunner().invoke(main, ["report", str(write(tmp_path, "failed.json", failed)), "-o", str(tmp_path / "r.md"),
+                                       "--plot", str(plot_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: nothing to plot: every configuration in these records failed (the report says why)")
+    assert "- failed: CPU_ONLY" in (tmp_path / "r.md").read_text()
+    assert not plot_path.exists()
+
+
 def test_missing_file_is_named():
     records, invalid = load_records([Path("/nonexistent/missing.json")])
     assert records == [] and "missing.json: cannot read" in invalid[0]
