@@ -112,7 +112,7 @@ def measure(bundle_path: str, backend: str, compute_units: str, steps: int, runs
         except OSError as exc:
             log(f"{tag} energy: powermetrics did not start ({exc})")
         else:  # the measured loops must fall inside sampled time, even without a warm-up run
-            if not sampler.wait_started(timeout=3 * energy.INTERVAL_MS / 1000 + 5):
+            if not sampler.wait_started(timeout=3 * sampler.interval_ms / 1000 + 5):
                 log(f"{tag} energy: powermetrics printed no sample yet; measuring anyway")
     measured, windows, unet, host = [], [], [], []
     try:
