@@ -443,9 +443,10 @@ class Generation:
             if self.sched.needs_rng:
                 noise = _PrefetchedNoise(self.rng, self.latents.shape, first=self._spare_noise)
                 self._spare_noise = None
+            contexts = self._contexts()
             while self.remaining:
                 try:
-                    step = self._step(unet, noise or self.rng)
+                    step = self._step(unet, contexts, noise or self.rng)
                 except BaseException:
                     self._broken = True  # the scheduler may be mid-update: resuming would be wrong
                     raise
@@ -455,24 +456,33 @@ class Generation:
                 self._spare_noise = noise.close()
             slot.release()
 
-    def _step(self, unet: Model, rng) -> Step:
+    def _step(self, unet: Model, contexts: list[np.ndarray], rng) -> Step:
         """Denoising step ``position + 1``: the guided prediction, then the scheduler's update."""
         i = self.position
         t = self.timesteps[i]
         start = time.perf_counter()
         model_time = [0.0]
         x = self.sched.scale_model_input(self.latents, t)
-        pred = self._predict(unet, x, float(t), model_time)
+        pred = self._predict(unet, x, float(t), contexts, model_time)
         self.latents = self.sched.step(pred, t, self.latents, rng=rng)
         self.position = i + 1
         self.timings.unet.append(model_time[0])
         self.timings.host.append(time.perf_counter() - start - model_time[0])
         return Step(i + 1, len(self.timesteps), float(t), self.latents)
 
-    def _predict(self, unet: Model, x: np.ndarray, t: float, model_time: list[float]) -> np.ndarray:
-        """The guided model prediction (N, 4, h, w) for latents ``x`` (N, 4, h, w), with as few
-        UNet calls as its batch allows."""
+    def _contexts(self) -> list[np.ndarray]:
+        """The ``encoder_hidden_states`` (B, C, 1, 77) of each UNet call one image needs per step,
+        B being the UNet's batch. They are the same at every step, so a run builds them once, not
+        per step. Guided: [negative, prompt] as diffusers batches them, in one call (B = 2) or
+        one call each (B = 1); unguided: the prompt, repeated to fill the batch."""
         batch = self.pipe.bundle.unet_batch
+        if self.uncond is None:
+            return [np.concatenate([self.cond] * batch)]
+        return [np.concatenate([self.uncond, self.cond])] if batch == 2 else [self.uncond, self.cond]
+
+    def _predict(self, unet: Model, x: np.ndarray, t: float, contexts: list[np.ndarray], model_time: list[float]) -> np.ndarray:
+        """The guided model prediction (N, 4, h, w) for latents ``x`` (N, 4, h, w), with as few
+        UNet calls as its batch allows; ``contexts`` from ``_contexts``."""
 
         def call(samples: np.ndarray, context: np.ndarray) -> np.ndarray:
             t0 = time.perf_counter()
@@ -486,20 +496,22 @@ class Generation:
         if self.uncond is not None:  # guided: [negative, prompt] per image, as diffusers orders them
             preds = []
             for i in range(n):
-                if batch == 2:
-                    both = call(np.concatenate([x[i : i + 1]] * 2), np.concatenate([self.uncond, self.cond]))
+                if len(contexts) == 1:  # both in one batch-2 call
+                    both = call(np.concatenate([x[i : i + 1]] * 2), contexts[0])
                     uncond, cond = both[:1], both[1:]
                 else:
-                    uncond, cond = call(x[i : i + 1], self.uncond), call(x[i : i + 1], self.cond)
+                    uncond, cond = call(x[i : i + 1], contexts[0]), call(x[i : i + 1], contexts[1])
                 preds.append(uncond + np.float32(self.guidance) * (cond - uncond))
             return np.concatenate(preds)
         # No guidance: the text branch only, two images per call on a batch-2 UNet.
+        [context] = contexts
+        batch = len(context)
         preds = []
         for i in range(0, n, batch):
             chunk = x[i : i + batch]
             pad = batch - len(chunk)
             samples = np.concatenate([chunk, chunk[-1:].repeat(pad, axis=0)]) if pad else chunk
-            out = call(samples, np.concatenate([self.cond] * batch))
+            out = call(samples, context)
             preds.append(out[: len(chunk)])
         return np.concatenate(preds)
 
