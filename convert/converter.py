@@ -219,10 +219,9 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
         gc.collect()
         package = f"{comp.name}.mlpackage"
         with progress.stage(comp.cli_name, "save"):
-            tmp = writer.staging / f".tmp-{package}"  # coremltools insists on the .mlpackage suffix
-            shutil.rmtree(tmp, ignore_errors=True)
-            mlmodel.save(str(tmp))
-            tmp.rename(writer.staging / package)
+            # Straight into place: until record() lists it, the next run's writer.open() deletes
+            # it, so an interrupted save leaves nothing behind.
+            mlmodel.save(str(writer.staging / package))
         del mlmodel
         gc.collect()
         paths = [package]
