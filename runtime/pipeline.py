@@ -243,14 +243,7 @@ class Pipeline:
         self.precision = precision
         self.compute_units = compute_units
         self.reduce_memory = reduce_memory
-        if self.backend != "coreml":
-            compiled_only = [n for n, f in bundle.models.items() if n in REQUIRED and not f.packages]
-            if compiled_only:
-                raise GenerationError(
-                    f"{bundle.path}: {', '.join(compiled_only)} {'exists' if len(compiled_only) == 1 else 'exist'} only as "
-                    "compiled .mlmodelc, which only the coreml "
-                    "backend (macOS) runs; use the .mlpackage files (Apple's packages/ folder) with the mil backend"
-                )
+        self._check_runnable(REQUIRED)  # before any model loads
         self.tokenizer = CLIPTokenizer.from_files(bundle.vocab, bundle.merges, pad_token=bundle.pad_token)
         self.slots = {name: _Slot(self, name) for name in bundle.models}
         self.load_time = 0.0  # seconds spent loading on construction
@@ -274,16 +267,23 @@ class Pipeline:
         float16 in float32: for finding a float16 overflow, never what a device computes."""
         return cls(open_bundle(path, verify=verify), backend, compute_units, reduce_memory, precision)
 
+    def _check_runnable(self, names) -> None:
+        """Off the coreml backend, refuse models that exist only as compiled ``.mlmodelc``."""
+        if self.backend == "coreml":
+            return
+        compiled_only = [n for n in names if not self.bundle.models[n].packages]
+        if compiled_only:
+            raise GenerationError(
+                f"{self.bundle.path}: {', '.join(compiled_only)} {'exists' if len(compiled_only) == 1 else 'exist'} only as "
+                "compiled .mlmodelc, which only the coreml "
+                "backend (macOS) runs; use the .mlpackage files (Apple's packages/ folder) with the mil backend"
+            )
+
     def _load(self, name: str) -> Model:
         files: ModelFiles = self.bundle.models[name]
-        if self.backend == "coreml":
-            paths = files.compiled or files.packages  # compiled models load without a compile step
-        else:
-            paths = files.packages
-            if not paths:
-                raise GenerationError(
-                    f"{self.bundle.path}: {name} exists only as compiled .mlmodelc, which only the coreml backend (macOS) runs"
-                )
+        self._check_runnable([name])
+        # compiled models load without a compile step
+        paths = (files.compiled or files.packages) if self.backend == "coreml" else files.packages
         models = [load_model(p, self.backend, self.compute_units, precision=self.precision) for p in paths]
         return models[0] if len(models) == 1 else ChainedModel(models)
 
