@@ -30,19 +30,26 @@ def test_unknown_command_fails() -> None:
 # ------------------------------------------------------------------ a base install (no torch)
 
 
-def run_cli(*args: str, torch_importable: bool) -> subprocess.CompletedProcess:
-    """``coreml-sd ARGS`` in a fresh interpreter; unless ``torch_importable``, ``import torch``
-    fails there as on a base install (a None entry in sys.modules makes every import of it raise
-    ModuleNotFoundError, and everything that imports it, diffusers and transformers included)."""
-    block = "" if torch_importable else "sys.modules['torch'] = None\n"
-    code = f"import sys\n{block}from coreml_sd.cli import main\nmain(prog_name='coreml-sd')\n"
+# Makes ``import torch`` fail in a child as on a base install: a None entry in sys.modules makes
+# every import of it raise ModuleNotFoundError, and of everything that imports it (diffusers,
+# transformers).
+BLOCK_TORCH = "import sys\nsys.modules['torch'] = None\n"
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c CODE ARGS`` in a fresh interpreter, its output captured as text."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def run_cli(*args: str, torch_importable: bool) -> subprocess.CompletedProcess:
+    """``coreml-sd ARGS`` in a fresh interpreter; unless ``torch_importable``, with BLOCK_TORCH."""
+    block = "" if torch_importable else BLOCK_TORCH
+    return run_python(f"{block}from coreml_sd.cli import main\nmain(prog_name='coreml-sd')\n", *args)
 
 
 @pytest.mark.parametrize("module", ["torch", "coreml_sd.models"])
 def test_torch_is_really_blocked_in_the_child(module: str) -> None:
-    code = f"import sys\nsys.modules['torch'] = None\nimport {module}\n"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = run_python(f"{BLOCK_TORCH}import {module}\n")
     assert result.returncode != 0
     assert "ModuleNotFoundError: import of torch halted" in result.stderr
 
