@@ -30,6 +30,8 @@ COMPONENTS = {
     "vae-decoder": "VAEDecoder",
     "vae-encoder": "VAEEncoder",
 }
+# The models every text-to-image run needs.
+REQUIRED = ("TextEncoder", "Unet", "VAEDecoder")
 
 
 class BundleError(Exception):
@@ -283,7 +285,7 @@ def _apple_models(root: Path, layout: str) -> dict[str, ModelFiles]:
 
 def _open_apple(root: Path, layout: str) -> Bundle:
     models = _apple_models(root, layout)
-    missing = [n for n in ("TextEncoder", "Unet", "VAEDecoder") if n not in models]
+    missing = [n for n in REQUIRED if n not in models]
     if missing:
         raise BundleError(f"{root}: no {', '.join(missing)} model in this {layout} folder; it is not a complete pipeline")
     # Tokenizer files sit beside compiled models; Apple's packages/ folders have none, so look in

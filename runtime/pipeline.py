@@ -35,13 +35,11 @@ import numpy as np
 from PIL import Image
 
 from .backends import ChainedModel, Model, default_backend, load_model
-from .bundle import Bundle, BundleError, ModelFiles, open_bundle
+from .bundle import REQUIRED, Bundle, BundleError, ModelFiles, open_bundle
 from .image import Parameters, fit_image, from_pil, to_pil
 from .random import make_rng
 from .schedulers import SCHEDULER_NAMES, Scheduler, from_config
 from .tokenizer import CLIPTokenizer
-
-REQUIRED = ("TextEncoder", "Unet", "VAEDecoder")
 
 
 class GenerationError(Exception):
