@@ -279,11 +279,12 @@ def tiny_vae(family: str = "sd1", sample_size: int = 8, seed: int = 0):
     return vae.eval()
 
 
-def tiny_text_encoder(family: str = "sd1", seed: int = 0):
-    """A deterministically initialised tiny ``transformers.CLIPTextModel`` in eval mode."""
+def tiny_text_encoder(family: str = "sd1", seed: int = 0, **changes: Any):
+    """A deterministically initialised tiny ``transformers.CLIPTextModel`` in eval mode;
+    ``changes`` override fields of ``tiny_text_encoder_config(family)``."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(**tiny_text_encoder_config(family))
+    config = CLIPTextConfig(**(tiny_text_encoder_config(family) | changes))
     return init_weights(CLIPTextModel(config), seed, "text_encoder").eval()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coreml_sd.convert.tiny import init_weights, tiny_text_encoder_config, tiny_unet, tiny_vae
+from coreml_sd.convert.tiny import tiny_text_encoder, tiny_unet, tiny_vae
 from coreml_sd.models import AttentionImpl, load_text_encoder, load_unet, load_vae_decoder, load_vae_encoder
 
 FAMILIES = ("sd1", "sd2")
@@ -49,20 +49,12 @@ def test_unet(family, impl):
     assert rel_err(other, want) > 1e-3
 
 
-def text_encoder(family: str, eos_token_id: int):
-    """A tiny transformers ``CLIPTextModel`` (seed 2) whose config names ``eos_token_id``."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(**(tiny_text_encoder_config(family) | {"eos_token_id": eos_token_id}))
-    return init_weights(CLIPTextModel(config), 2, "text_encoder").eval()
-
-
 # 49407: the end-of-text id, as current configs give it. 2: the legacy value of every published
 # SD 1.x / 2.x text encoder config, for which transformers pools at the largest input id instead.
 @pytest.mark.parametrize("eos_token_id", [49407, 2])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_text_encoder(family, impl, eos_token_id):
-    ref = text_encoder(family, eos_token_id)
+    ref = tiny_text_encoder(family, seed=2, eos_token_id=eos_token_id)
     assert ref.config.eos_token_id == eos_token_id
     pad = 49407 if family == "sd1" else 0  # SD 1.x pads with the end token, SD 2.x with "!"
     ids = torch.full((2, 77), pad)
