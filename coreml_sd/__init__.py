@@ -10,15 +10,13 @@ so ``import coreml_sd`` and ``coreml-sd --help`` stay fast.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from . import runtime as _runtime  # light: its own names load on first use too
 
 __version__ = "0.1.0"
 
-_RUNTIME = (
-    "Pipeline", "Generation", "GenerationError", "Request", "Result", "Step", "Timings", "check_request",
-    "Bundle", "BundleError", "open_bundle", "Parameters", "read_parameters", "BackendError", "load_model",
-)
+_RUNTIME = _runtime.__all__  # the runtime's public names, listed once (in runtime/__init__.py)
 __all__ = ["__version__", *_RUNTIME]
 
 if TYPE_CHECKING:
@@ -31,7 +29,7 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     if name not in _RUNTIME:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.runtime"), name)
+    value = getattr(_runtime, name)
     globals()[name] = value
     return value
 
