@@ -33,8 +33,10 @@ def demo(root: Path, prompt: str, seed: int, steps: int, scheduler: str, backend
     from ..runtime.cli import denoise_with_progress
     from ..runtime.image import save_png
     from ..runtime.pipeline import GenerationError, Pipeline
-    from .converter import ConvertOptions, Progress, convert
-    from .source import open_source
+    from .bundle import OutputError
+    from .converter import ConvertError, ConvertOptions, Progress, convert
+    from .export import CompileError
+    from .source import SourceError, open_source
     from .tiny import build_tiny_pipeline
 
     def say(line: str) -> None:
@@ -50,7 +52,10 @@ def demo(root: Path, prompt: str, seed: int, steps: int, scheduler: str, backend
             raise click.ClickException(str(exc)) from None
     bundle = root / "bundle"
     say(f"converting it to a Core ML bundle in {bundle}")
-    convert(open_source(str(model)), bundle, ConvertOptions(overwrite=True), Progress(say))
+    try:
+        convert(open_source(str(model)), bundle, ConvertOptions(overwrite=True), Progress(say))
+    except (SourceError, ConvertError, OutputError, CompileError) as exc:  # as 'coreml-sd convert' reports them
+        raise click.ClickException(str(exc)) from None
 
     try:
         pipe = Pipeline.from_bundle(bundle, backend=backend)
