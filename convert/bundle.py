@@ -86,7 +86,16 @@ class BundleWriter:
             elif not self.out.is_dir():
                 raise OutputError(f"output {self.out} is a file; choose a directory path for -o")
 
-    def open(self) -> None:
+    def open(self, names: set[str]) -> None:
+        """Create or resume the staging directory for a run converting the components ``names``.
+
+        Recorded components this run does not ask for are forgotten (left by an earlier request),
+        and everything no remaining recorded component owns is deleted. A run can stop between
+        saving a component and recording it (Ctrl-C while its files are hashed, a failed
+        compile): its package is then on disk but unknown, and would both block the next save of
+        that component and slip into the bundle unlisted if the next run did not ask for it.
+        Files written for the whole bundle (tokenizer, scheduler) are rewritten anyway.
+        """
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(exist_ok=True)
         self.done: dict[str, dict[str, Any]] = {}
@@ -96,16 +105,9 @@ class BundleWriter:
                 self.done = json.loads(record.read_text())
             except ValueError:
                 self.done = {}
-        self._sweep()
-
-    def _sweep(self) -> None:
-        """Delete everything in staging that no recorded component owns.
-
-        A run can stop between saving a component and recording it (Ctrl-C while its files are
-        hashed, a failed compile): its package is then on disk but unknown, and would both block
-        the next save of that component and slip into the bundle unlisted if the next run did not
-        ask for it. Files written for the whole bundle (tokenizer, scheduler) are rewritten anyway.
-        """
+        if set(self.done) - names:
+            self.done = {name: entry for name, entry in self.done.items() if name in names}
+            self._save()
         owned = {top for entry in self.done.values() for top in entry.get("paths", [])}
         for path in self.staging.iterdir():
             if path.name != _PROGRESS and path.name not in owned:
@@ -129,11 +131,6 @@ class BundleWriter:
                 self.record(name, {k: v for k, v in old.items() if k != "recipe"}, recipe, old["paths"])
                 return "existing bundle"
         return None
-
-    def keep_only(self, names: set[str]) -> None:
-        """Forget staged components this run does not ask for (left by an earlier request)."""
-        for name in set(self.done) - names:
-            self._drop(name)
 
     def _drop(self, name: str) -> None:
         entry = self.done.pop(name, None)

@@ -177,8 +177,7 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
         source.check_weights(part)  # last: for a hub repo this downloads them
 
     tools = tool_versions()
-    writer.open()
-    writer.keep_only({c.name for c in components})
+    writer.open({c.name for c in components})
     for comp in components:
         inputs, outputs = comp.interface(geometry)
         recipe = recipe_hash(
