@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import __version__
 from ..runtime.backends import COMPUTE_UNITS, default_backend, import_coremltools, require
-from ..runtime.bundle import Bundle, BundleError, open_bundle
+from ..runtime.bundle import Bundle, open_bundle
 from . import energy, machine
 from .schema import SCHEMA_VERSION
 
@@ -61,24 +61,6 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def check_bundle(bundle: Bundle, backend: str) -> None:
-    """Raise ``BundleError`` (one line: what is missing and the fix) when ``backend`` cannot run
-    a text-to-image generation with ``bundle``."""
-    # The pipeline's own list of what a generation runs; imported here, not at the top, so that in
-    # the child importing the pipeline stays inside the timed backend import (import_s).
-    from ..runtime.pipeline import REQUIRED
-
-    missing = [name for name in REQUIRED if not bundle.has(name)]
-    if missing:
-        raise BundleError(f"{bundle.path}: the bundle has no {', '.join(missing)}; bench needs {', '.join(REQUIRED)} "
-                          f"(convert with --components text-encoder,unet,vae-decoder)")
-    if backend == "mil":
-        compiled_only = [name for name in REQUIRED if not bundle.models[name].packages]
-        if compiled_only:
-            raise BundleError(f"{bundle.path}: {', '.join(compiled_only)} exist only as compiled .mlmodelc, which the mil "
-                              "backend cannot run; bench the .mlpackage files (Apple's packages/ folder) instead")
-
-
 def import_backend(backend: str) -> float:
     """Import everything ``backend`` needs to load a model; the seconds it took."""
     t = time.perf_counter()
@@ -93,10 +75,10 @@ def measure(bundle_path: str, backend: str, compute_units: str, steps: int, runs
     """One configuration, in this process (the child)."""
     tag = f"[{backend} {compute_units}]"
     import_s = import_backend(backend)
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.pipeline import Pipeline, check_setup
 
     bundle = open_bundle(bundle_path)  # hash verification happens here, outside the load timings
-    check_bundle(bundle, backend)
+    check_setup(bundle, backend, purpose="bench")
     t = time.perf_counter()
     Pipeline(bundle, backend, compute_units, reduce_memory=False)
     load_cold = time.perf_counter() - t
@@ -250,13 +232,17 @@ def run_bench(bundle: str, compute_units: list[str] | None, backend: str, steps:
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every configuration asked for (None: all this backend has) and return the record.
 
-    Raises ``BackendError``/``BundleError`` before measuring anything when the backend or the
-    bundle cannot serve. Ctrl-C stops the measurement: the record then holds the configurations
-    that finished and ``interrupted`` is true (``results`` may be empty)."""
+    Raises ``BackendError``/``BundleError``/``GenerationError`` before measuring anything when
+    the backend or the bundle cannot serve. Ctrl-C stops the measurement: the record then holds
+    the configurations that finished and ``interrupted`` is true (``results`` may be empty)."""
     backend = default_backend() if backend == "auto" else backend
     require(backend)  # a backend this system lacks is the user's error, not a failed measurement
     opened = open_bundle(bundle)
-    check_bundle(opened, backend)  # so is a bundle without a model the generation needs
+    # So is a bundle without a model the generation needs (the pipeline's own check; imported
+    # here so that in a child the pipeline's import stays inside the timed backend import).
+    from ..runtime.pipeline import check_setup
+
+    check_setup(opened, backend, purpose="bench")
     if backend == "mil":
         asked = [u for u in compute_units or [] if u != "CPU_ONLY"]
         if asked:

@@ -63,6 +63,7 @@ def bench(bundle, units, steps, runs, warmup, backend, energy, out):
     """Time every stage of generation with a bundle, per compute unit, into one JSON record."""
     from ..runtime.backends import BackendError
     from ..runtime.bundle import BundleError
+    from ..runtime.pipeline import GenerationError
     from .bench import run_bench, write_record
 
     if out.exists():
@@ -72,7 +73,7 @@ def bench(bundle, units, steps, runs, warmup, backend, energy, out):
     try:
         record = run_bench(str(bundle), units, backend, steps, runs, warmup, measure_energy=energy,
                            log=lambda line: click.echo(line, err=True))
-    except (BundleError, BackendError) as exc:
+    except (BundleError, BackendError, GenerationError) as exc:
         raise click.ClickException(str(exc)) from None
     if record["interrupted"] and not record["results"]:
         click.echo("interrupted before any configuration finished; nothing written", err=True)

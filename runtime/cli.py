@@ -55,13 +55,14 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
     from .backends import BackendError
     from .bundle import BundleError, open_bundle
     from .image import crop_box, prepare_output, save_png
-    from .pipeline import GenerationError, Pipeline, check_request, read_image
+    from .pipeline import GenerationError, Pipeline, check_request, check_setup, read_image
 
     def warn(line: str) -> None:
         click.echo(f"warning: {line}", err=True)
 
     try:
         opened = open_bundle(bundle)
+        check_setup(opened, backend, precision)  # what Pipeline(...) would refuse, before the output folder exists
         image = read_image(init_image) if init_image is not None else None
         request = check_request(
             opened, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler,

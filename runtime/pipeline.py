@@ -202,6 +202,36 @@ def read_image(path: str | Path) -> Image.Image:
 # ------------------------------------------------------------------ the pipeline
 
 
+_CLI_NAMES = {"TextEncoder": "text-encoder", "Unet": "unet", "VAEDecoder": "vae-decoder", "VAEEncoder": "vae-encoder"}
+
+
+def check_setup(bundle: Bundle, backend: str = "auto", precision: str | None = None, names=REQUIRED,
+                purpose: str = "generation") -> str:
+    """What ``Pipeline(bundle, backend, precision=...)`` refuses before loading any model: a model
+    of ``names`` missing from the bundle or one this backend cannot run (a compiled ``.mlmodelc``
+    off the coreml backend), or a precision override the backend lacks. One-line ``BundleError``
+    or ``GenerationError`` naming the fix (``purpose`` says who needs the models); returns the
+    backend, ``auto`` resolved."""
+    backend = default_backend() if backend == "auto" else backend
+    missing = [name for name in names if not bundle.has(name)]
+    if missing:
+        raise BundleError(f"{bundle.path}: the bundle has no {', '.join(missing)}; {purpose} needs {', '.join(names)} "
+                          f"(convert with --components {','.join(_CLI_NAMES.get(n, n) for n in names)})")
+    if precision not in (None, "float16", "float32"):
+        raise GenerationError(f"precision {precision!r}: use float16 (as the bundle declares) or float32")
+    if precision == "float32" and backend != "mil":
+        raise GenerationError("--precision float32 is a debugging option of the mil backend; add --backend mil")
+    if backend != "coreml":
+        compiled_only = [n for n in names if not bundle.models[n].packages]
+        if compiled_only:
+            raise GenerationError(
+                f"{bundle.path}: {', '.join(compiled_only)} {'exists' if len(compiled_only) == 1 else 'exist'} only as "
+                "compiled .mlmodelc, which only the coreml "
+                "backend (macOS) runs; use the .mlpackage files (Apple's packages/ folder) with the mil backend"
+            )
+    return backend
+
+
 class _Slot:
     """One component's model: loaded once and kept, or (reduce_memory) loaded per use."""
 
@@ -229,19 +259,11 @@ class Pipeline:
 
     def __init__(self, bundle: Bundle, backend: str = "auto", compute_units: str = "CPU_AND_NE", reduce_memory: bool = False,
                  precision: str | None = None):
-        missing = [name for name in REQUIRED if not bundle.has(name)]
-        if missing:
-            raise BundleError(f"{bundle.path}: the bundle has no {', '.join(missing)}; convert it with those components")
         self.bundle = bundle
-        self.backend = default_backend() if backend == "auto" else backend
-        if precision not in (None, "float16", "float32"):
-            raise GenerationError(f"precision {precision!r}: use float16 (as the bundle declares) or float32")
-        if precision == "float32" and self.backend != "mil":
-            raise GenerationError("--precision float32 is a debugging option of the mil backend; add --backend mil")
+        self.backend = check_setup(bundle, backend, precision)  # before any model loads
         self.precision = precision
         self.compute_units = compute_units
         self.reduce_memory = reduce_memory
-        self._check_runnable(REQUIRED)  # before any model loads
         self.tokenizer = CLIPTokenizer.from_files(bundle.vocab, bundle.merges, pad_token=bundle.pad_token)
         self.slots = {name: _Slot(self, name) for name in bundle.models}
         self.load_time = 0.0  # seconds spent loading on construction
@@ -265,21 +287,9 @@ class Pipeline:
         float16 in float32: for finding a float16 overflow, never what a device computes."""
         return cls(open_bundle(path, verify=verify), backend, compute_units, reduce_memory, precision)
 
-    def _check_runnable(self, names) -> None:
-        """Off the coreml backend, refuse models that exist only as compiled ``.mlmodelc``."""
-        if self.backend == "coreml":
-            return
-        compiled_only = [n for n in names if not self.bundle.models[n].packages]
-        if compiled_only:
-            raise GenerationError(
-                f"{self.bundle.path}: {', '.join(compiled_only)} {'exists' if len(compiled_only) == 1 else 'exist'} only as "
-                "compiled .mlmodelc, which only the coreml "
-                "backend (macOS) runs; use the .mlpackage files (Apple's packages/ folder) with the mil backend"
-            )
-
     def _load(self, name: str) -> Model:
         files: ModelFiles = self.bundle.models[name]
-        self._check_runnable([name])
+        check_setup(self.bundle, self.backend, self.precision, names=[name])  # an optional model (VAEEncoder) included
         # compiled models load without a compile step
         paths = (files.compiled or files.packages) if self.backend == "coreml" else files.packages
         models = [load_model(p, self.backend, self.compute_units, precision=self.precision) for p in paths]
@@ -301,6 +311,8 @@ class Pipeline:
     def generate(self, request: Request) -> Generation:
         """Prepare a request checked against this pipeline's bundle: text encoded, starting
         latents drawn."""
+        if request.init_image is not None:  # a request checked against another bundle
+            check_setup(self.bundle, self.backend, self.precision, names=["VAEEncoder"], purpose="image-to-image")
         return Generation(self, request)
 
 

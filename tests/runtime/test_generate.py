@@ -306,6 +306,13 @@ def test_img2img_needs_a_vae_encoder(tiny_bundle, tmp_path):
     init = tmp_path / "init.png"
     Image.new("RGB", (64, 64)).save(init)
     one_line_error(generate(PROMPT, "--bundle", str(bundle), "--init-image", str(init), "-o", str(tmp_path)), "VAEEncoder", "vae-encoder")
+    # Through the API, a request checked against a bundle that has one, run by a pipeline that has not.
+    from coreml_sd.runtime.bundle import BundleError, open_bundle
+    from coreml_sd.runtime.pipeline import Pipeline, check_request
+
+    request = check_request(open_bundle(tiny_bundle("sd1", "split-einsum")), PROMPT, init_image=Image.open(init))
+    with pytest.raises(BundleError, match=r"the bundle has no VAEEncoder; image-to-image needs VAEEncoder \(convert with --components vae-encoder\)$"):
+        Pipeline(open_bundle(bundle), backend="mil").generate(request)
 
 
 def _command() -> list[str]:
@@ -363,6 +370,6 @@ def test_precision_float32_reaches_every_model(tiny_bundle, tiny_sd1_dir):
 
 def test_precision_override_is_for_the_mil_backend_only(tiny_bundle, tmp_path, loads):
     result = generate(PROMPT, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--backend", "coreml",
-                      "--precision", "float32", "-o", str(tmp_path))
+                      "--precision", "float32", "-o", str(tmp_path / "out"))
     one_line_error(result, "--backend mil")
-    assert loads == []
+    assert loads == [] and not (tmp_path / "out").exists()
