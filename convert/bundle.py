@@ -119,18 +119,32 @@ class BundleWriter:
         """Keep an already converted component if its recipe and files match: returns where it
         came from ("interrupted run" or "existing bundle"), or None when it must be converted."""
         entry = self.done.get(name)
-        if entry and entry["recipe"] == recipe and _files_match(self.staging, entry["files"]):
+        if isinstance(entry, dict) and entry.get("recipe") == recipe and _files_match(self.staging, entry.get("files") or {}):
             return "interrupted run"
         self._drop(name)
-        old = (self.previous or {}).get("components", {}).get(name)
-        if old and old.get("recipe") == recipe:
-            files = {rel: sha for rel, sha in self.previous["files"].items() if rel.split("/")[0] in old["paths"]}
+        old = self._previous_entry(name, recipe)
+        if old is not None:
+            entry, paths, files = old
             if files and _files_match(self.out, files):
-                for top in old["paths"]:
+                for top in paths:
                     _link_tree(self.out / top, self.staging / top)
-                self.record(name, {k: v for k, v in old.items() if k != "recipe"}, recipe, old["paths"])
+                self.record(name, {k: v for k, v in entry.items() if k != "recipe"}, recipe, paths)
                 return "existing bundle"
         return None
+
+    def _previous_entry(self, name: str, recipe: str) -> tuple[dict[str, Any], list[str], dict[str, str]] | None:
+        """The existing bundle's manifest entry for ``name`` with its top-level paths and file
+        hashes, when made by the same recipe; None when absent, different, or damaged (the
+        component is then converted again)."""
+        try:
+            entry = self.previous["components"][name]
+            if entry["recipe"] != recipe:
+                return None
+            paths = [str(top) for top in entry["paths"]]
+            files = {str(rel): str(sha) for rel, sha in self.previous["files"].items() if str(rel).split("/")[0] in paths}
+        except (TypeError, KeyError, AttributeError):
+            return None
+        return entry, paths, files
 
     def _drop(self, name: str) -> None:
         entry = self.done.pop(name, None)

@@ -315,6 +315,26 @@ def test_tampered_component_is_reconverted(tiny_sd1_dir, tmp_path):
     verify_files(out, json.loads((out / "manifest.json").read_text())["files"])
 
 
+@pytest.mark.parametrize("damage", [
+    lambda m: m["components"]["VAEDecoder"].pop("paths"),
+    lambda m: m["components"].update(VAEDecoder="?"),
+    lambda m: m.update(files=None),
+])
+def test_a_damaged_manifest_entry_is_reconverted_not_a_crash(tiny_sd1_dir, tmp_path, damage):
+    """--overwrite over a bundle whose manifest entry is damaged: that component is converted
+    again (nothing reusable can be trusted), and the bundle comes out whole."""
+    out = tmp_path / "b"
+    args = [str(tiny_sd1_dir), "-o", str(out), "--components", "vae-decoder"]
+    assert run(*args).exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    damage(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    again = run(*args, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert "[vae-decoder] convert done" in again.stderr
+    verify_files(out, json.loads((out / "manifest.json").read_text())["files"])
+
+
 # ------------------------------------------------------------------ refusals
 
 
