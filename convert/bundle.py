@@ -81,10 +81,10 @@ class BundleWriter:
                     self.previous = read_manifest(self.out)
                 except BundleError:
                     raise OutputError(
-                        f"output {self.out} exists and is not a coreml-sd bundle; refusing to replace it (choose another -o)"
+                        f"output {self.out} exists and is not a coreml-sd bundle; refusing to replace it (choose another output folder)"
                     ) from None
             elif not self.out.is_dir():
-                raise OutputError(f"output {self.out} is a file; choose a directory path for -o")
+                raise OutputError(f"output {self.out} is a file; choose a folder path for the bundle")
 
     def open(self, names: set[str]) -> None:
         """Create or resume the staging directory for a run converting the components ``names``.
