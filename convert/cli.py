@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from ..runtime.backends import INSTALL_CONVERT_EXTRA
 from ..runtime.bundle import COMPONENTS
 
 _ATTENTION = ("original", "split-einsum", "split-einsum-v2")
@@ -29,7 +30,7 @@ def require_convert_extra(command: str) -> None:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:
             raise click.ClickException(
-                f"{command} needs the convert extra ({exc}): pip install 'coreml-sd[convert]'"
+                f"{command} needs the convert extra ({exc}): {INSTALL_CONVERT_EXTRA}"
             ) from None
 
 

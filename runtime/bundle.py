@@ -341,11 +341,11 @@ def _apple_name(root: Path, unet: ModelFiles) -> str:
 
 def _generated_class_name(compiled: Path) -> str | None:
     """``generatedClassName`` from a compiled model's ``metadata.json`` (None if unreadable)."""
+    from .backends import compiled_metadata
+
     try:
-        meta = json.loads((compiled / "metadata.json").read_text())
-        meta = meta[0] if isinstance(meta, list) else meta
-        name = meta.get("generatedClassName")
-    except (OSError, ValueError, AttributeError, IndexError):
+        name = compiled_metadata(compiled).get("generatedClassName")
+    except (OSError, ValueError, IndexError):
         return None
     return name if isinstance(name, str) else None
 

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -117,6 +117,18 @@ def describe(spec) -> tuple[dict[str, TensorDescription], dict[str, TensorDescri
     return table(spec.description.input), table(spec.description.output)
 
 
+def compiled_metadata(path: Path) -> dict[str, Any]:
+    """The object in a compiled ``.mlmodelc``'s ``metadata.json`` (the Core ML compiler writes a
+    one-element list of it). Raises ``OSError``/``ValueError``/``IndexError`` when unreadable."""
+    import json
+
+    meta = json.loads((Path(path) / "metadata.json").read_text())
+    meta = meta[0] if isinstance(meta, list) else meta
+    if not isinstance(meta, dict):
+        raise ValueError(f"expected an object, got {type(meta).__name__}")
+    return meta
+
+
 def compiled_schema(path: Path) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
     """Descriptions of a compiled ``.mlmodelc`` from its ``metadata.json`` (written by the Core ML
     compiler: ``inputSchema``/``outputSchema`` entries with name, dataType and a shape string
@@ -124,8 +136,7 @@ def compiled_schema(path: Path) -> tuple[dict[str, TensorDescription], dict[str,
     import json
 
     try:
-        meta = json.loads((path / "metadata.json").read_text())
-        meta = meta[0] if isinstance(meta, list) else meta
+        meta = compiled_metadata(path)
         types = {"Float16": "float16", "Float32": "float32", "Double": "float64", "Int32": "int32"}
 
         def table(schema) -> dict[str, TensorDescription]:
@@ -138,7 +149,7 @@ def compiled_schema(path: Path) -> tuple[dict[str, TensorDescription], dict[str,
             return out
 
         return table(meta.get("inputSchema", [])), table(meta.get("outputSchema", []))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise BackendError(f"{path}: unreadable metadata.json ({exc}); recompile the model") from None
 
 
@@ -206,6 +217,10 @@ def output_array(desc: TensorDescription, value) -> np.ndarray:
     return np.asarray(value, dtype=np.float32 if desc.dtype.startswith("float") else np.int32)
 
 
+# How to get torch and the rest of the conversion stack (the mil backend needs torch too).
+INSTALL_CONVERT_EXTRA = "pip install 'coreml-sd[convert]'"
+
+
 def default_backend() -> str:
     return "coreml" if sys.platform == "darwin" else "mil"
 
@@ -218,7 +233,7 @@ def require(backend: str) -> None:
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
-            raise BackendError("the mil backend needs torch: pip install 'coreml-sd[convert]'")
+            raise BackendError(f"the mil backend needs torch: {INSTALL_CONVERT_EXTRA}")
 
 
 class ChainedModel:
