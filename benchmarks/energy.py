@@ -93,20 +93,48 @@ def parse_header(line: str) -> float | None:
     return float(match.group(1)) / 1000 if match else None
 
 
+class SampleSplitter:
+    """Cuts powermetrics' output, line by line, into samples: a sample begins at its header line
+    and is complete when the next header arrives (or, for output that ended on its own, at the
+    end). A sample is stamped with the time its own header arrived: the end of its interval."""
+
+    def __init__(self) -> None:
+        self._pending: tuple[float, float] | None = None  # (stamp, seconds) of the sample being read
+        self._body: list[str] = []
+
+    def feed(self, line: str, now: float) -> tuple[bool, Sample | None]:
+        """Take one line (with its newline) read at ``now``: (whether it was a header, the sample
+        it completed, if any)."""
+        seconds = parse_header(line)
+        if seconds is None:
+            if self._pending is not None:
+                self._body.append(line)
+            return False, None
+        done = self.complete()
+        self._pending, self._body = (now, seconds), []
+        return True, done
+
+    def complete(self) -> Sample | None:
+        """Close the sample being read (None if none, or if it held no reading)."""
+        if self._pending is None:
+            return None
+        (stamp, seconds), self._pending = self._pending, None
+        watts, pressure = parse_body("".join(self._body))
+        return Sample(stamp, seconds, watts, pressure) if watts or pressure else None
+
+    def drop(self) -> None:
+        """Forget the sample being read (cut short)."""
+        self._pending = None
+
+
 def parse_samples(text: str) -> list[tuple[float, dict[str, float], str | None]]:
-    """(length in seconds, watts per unit, pressure) for each sample in powermetrics' text."""
-    out, current, body = [], None, []
-    for line in text.splitlines() + [None]:
-        seconds = parse_header(line) if line is not None else None
-        if line is None or seconds is not None:
-            if current is not None:
-                watts, pressure = parse_body("\n".join(body))
-                if watts or pressure:
-                    out.append((current, watts, pressure))
-            current, body = seconds, []
-        elif current is not None:
-            body.append(line)
-    return out
+    """(length in seconds, watts per unit, pressure) of each sample in a whole powermetrics output,
+    cut as ``PowerSampler`` cuts it."""
+    splitter, samples = SampleSplitter(), []
+    for line in text.splitlines(keepends=True):
+        samples.append(splitter.feed(line, 0.0)[1])
+    samples.append(splitter.complete())
+    return [(s.seconds, s.watts, s.pressure) for s in samples if s is not None]
 
 
 # ------------------------------------------------------------------ integration (pure)
@@ -189,8 +217,7 @@ class PowerSampler:
         self.interval_ms = interval_ms
         self.samples: list[Sample] = []
         self.last_header_at: float | None = None  # monotonic time the latest header arrived
-        self._pending: tuple[float, float] | None = None  # (stamp, seconds) of the sample being read
-        self._body: list[str] = []
+        self._splitter = SampleSplitter()
         self._stopping = False
         self._ended = False  # powermetrics' output has ended
         self._changed = threading.Condition()
@@ -205,13 +232,12 @@ class PowerSampler:
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             now = time.monotonic()  # first, before any parsing: the stamp of a header
-            seconds = parse_header(line)
             with self._changed:
-                if seconds is not None:
-                    self._complete()
-                    self._pending, self._body, self.last_header_at = (now, seconds), [], now
-                elif self._pending is not None:
-                    self._body.append(line)
+                header, done = self._splitter.feed(line, now)
+                if header:
+                    self.last_header_at = now
+                if done is not None:
+                    self.samples.append(done)
                 self._changed.notify_all()
         try:
             code = self._proc.wait(timeout=5)
@@ -219,19 +245,12 @@ class PowerSampler:
             code = None
         with self._changed:
             if code == 0 and not self._stopping:  # ended on its own (-n): its last sample is whole
-                self._complete()
-            self._pending = None
+                done = self._splitter.complete()
+                if done is not None:
+                    self.samples.append(done)
+            self._splitter.drop()
             self._ended = True
             self._changed.notify_all()
-
-    def _complete(self) -> None:
-        if self._pending is None:
-            return
-        watts, pressure = parse_body("".join(self._body))
-        if watts or pressure:
-            stamp, seconds = self._pending
-            self.samples.append(Sample(stamp, seconds, watts, pressure))
-        self._pending = None
 
     def wait_started(self, timeout: float = 5.0) -> bool:
         """Wait until the first sample header arrives (so that what follows is sampled); False if
