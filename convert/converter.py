@@ -135,13 +135,24 @@ def _image_side(name: str, requested: int | None, native: int | None, unet_facto
     return side
 
 
+def _native_size(source_id: str, sample_size: Any) -> tuple[int, int] | None:
+    """(height, width) in pixels from a UNet's ``sample_size``: one latent side, or (height,
+    width) as diffusers also allows; None when absent."""
+    if not sample_size:
+        return None
+    sides = list(sample_size) if isinstance(sample_size, (list, tuple)) else [sample_size, sample_size]
+    if len(sides) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+        raise ConvertError(f"{source_id}: its UNet's sample_size {sample_size!r} is neither a latent side nor (height, width)")
+    return sides[0] * VAE_SCALE, sides[1] * VAE_SCALE
+
+
 def _geometry(source_id: str, opts: ConvertOptions, unet: dict[str, Any], architectures: dict[str, Any]) -> Geometry:
     """Sizes for every component, from the UNet's config ``unet`` (every pipeline has one) and the
     flags; checked against the requested parts' ``architectures``."""
     unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
-    native = unet["sample_size"] * VAE_SCALE if unet.get("sample_size") else None
-    height = _image_side("height", opts.height, native, unet_factor)
-    width = _image_side("width", opts.width, native, unet_factor)
+    native = _native_size(source_id, unet.get("sample_size"))
+    height = _image_side("height", opts.height, native and native[0], unet_factor)
+    width = _image_side("width", opts.width, native and native[1], unet_factor)
     if opts.unet_batch not in (1, 2):
         raise ConvertError(f"UNet batch {opts.unet_batch}: use 2 (default) or 1 (--unet-batch-one)")
     geometry = Geometry(height, width, opts.unet_batch, unet["cross_attention_dim"])

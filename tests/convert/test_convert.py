@@ -370,6 +370,22 @@ def test_bad_sizes(tiny_sd1_dir, tmp_path, flag, value, fragment):
     assert not (tmp_path / "b").exists() and not (tmp_path / ".b.partial").exists()
 
 
+@pytest.mark.parametrize(("sample_size", "image_size"), [([8, 16], [64, 128]), ("8", None), ([8], None)])
+def test_sample_size_as_height_and_width(tiny_sd1_dir, tmp_path, sample_size, image_size):
+    """diffusers also allows a UNet's sample_size as (height, width); anything else is one line."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_sd1_dir, src)
+    cfg = json.loads((src / "unet" / "config.json").read_text())
+    cfg["sample_size"] = sample_size
+    (src / "unet" / "config.json").write_text(json.dumps(cfg))
+    result = run(str(src), "-o", str(tmp_path / "b"), "--components", "text-encoder")
+    if image_size is None:
+        one_line_error(result, "sample_size", "neither a latent side nor (height, width)")
+    else:
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / "b" / "manifest.json").read_text())["image_size"] == image_size
+
+
 def test_unsupported_family(tiny_sd1_dir, tmp_path):
     src = tmp_path / "sdxl"
     shutil.copytree(tiny_sd1_dir, src)
