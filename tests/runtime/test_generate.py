@@ -186,13 +186,18 @@ def test_negative_prompt_without_guidance_is_reported_not_recorded(tiny_bundle, 
 
 
 def test_init_image_of_another_shape_is_center_cropped(tiny_bundle, tmp_path):
-    init = tmp_path / "wide.png"
-    Image.new("RGB", (128, 64), "gray").save(init)
-    result = generate(PROMPT, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "1", "--steps", "2",
-                      "--init-image", str(init), "--strength", "0.5", "-o", str(tmp_path / "out"))
+    """A 128x64 image gives exactly the image its own center 64x64 gives (cropped, not stretched)."""
+    wide = np.random.default_rng(3).integers(0, 255, (64, 128, 3), dtype=np.uint8)
+    init, center = tmp_path / "wide.png", tmp_path / "center.png"
+    Image.fromarray(wide).save(init)
+    Image.fromarray(wide[:, 32:96]).save(center)
+    args = ["--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "1", "--steps", "2", "--strength", "0.5"]
+    result = generate(PROMPT, *args, "--init-image", str(init), "-o", str(tmp_path / "out"))
     [png] = written(result)
     assert "init image is 128x64" in result.stderr and "center 64x64 is used" in result.stderr
     assert Image.open(png).size == (64, 64)
+    [same] = written(generate(PROMPT, *args, "--init-image", str(center), "-o", str(tmp_path / "out2")))
+    assert np.array_equal(pixels(png), pixels(same))
 
 
 # ------------------------------------------------------------------ refusals
