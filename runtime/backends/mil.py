@@ -244,7 +244,11 @@ class MILModel:
                     env.pop(name, None)
         out = {}
         for name, desc in self.outputs.items():
-            value = env[name] if name in env else self._consts[name]
+            if name in env:
+                value = env[name]
+            else:  # an output that is a constant: a copy, so a caller's edit cannot change the model
+                value = self._consts[name]
+                value = value.clone() if isinstance(value, torch.Tensor) else np.array(value)
             out[name] = output_array(desc, value.numpy() if isinstance(value, torch.Tensor) else value)
         return out
 

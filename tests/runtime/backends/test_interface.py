@@ -240,3 +240,17 @@ def test_only_the_known_import_noise_is_dropped(message, noise):
 
     record = logging.LogRecord("coremltools", logging.WARNING, __file__, 0, message, None, None)
     assert _not_import_noise(record) is not noise
+
+
+def test_a_constant_output_is_the_callers_copy(program_package):
+    """An output the program computes as a constant: editing the returned array changes nothing
+    the next call returns."""
+
+    @mb.program(input_specs=[mb.TensorSpec((2,), dtype=types.fp32)], opset_version=ct.target.iOS16)
+    def prog(x):
+        return mb.add(x=x, y=np.float32(1.0), name="y"), mb.const(val=np.array([1.0, 2.0], np.float32), name="c")
+
+    model = load_model(program_package(prog, "ConstOut"), backend="mil")
+    first = model.predict({"x": np.zeros(2, np.float32)})
+    first["c"][0] = 99.0
+    assert model.predict({"x": np.zeros(2, np.float32)})["c"].tolist() == [1.0, 2.0]
