@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..runtime.backends import COMPUTE_UNITS, default_backend, import_coremltools, require
+from ..runtime.backends import COMPUTE_UNITS, default_backend, require
 from ..runtime.bundle import Bundle, open_bundle
+from ..system import import_coremltools, peak_rss_bytes
 from . import energy, machine
 from .schema import SCHEMA_VERSION
 
@@ -54,11 +55,6 @@ def _stats(values_s: list[float]) -> dict[str, float | int]:
     ms = np.asarray(values_s, dtype=np.float64) * 1000
     q1, q3 = np.percentile(ms, [25, 75])
     return {"median": round(float(np.median(ms)), 3), "iqr": round(float(q3 - q1), 3), "count": len(ms)}
-
-
-def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def import_backend(backend: str) -> float:
@@ -144,7 +140,7 @@ def measure(bundle_path: str, backend: str, compute_units: str, steps: int, runs
         "end_to_end_s": round(statistics.median(m["end_to_end_s"] for m in measured), 4),
         "runs": measured,
         "iterations_per_second": round(steps / denoise, 4),
-        "peak_rss_bytes": _peak_rss(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "energy": None,
         "thermal_pressure": None,
     }

@@ -76,7 +76,7 @@ def sd15_unet(seed: int = 0):
 def build_sd15_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a diffusers folder with SD 1.5's full architecture and seeded random weights.
 
-    Initialised like the tiny test models (``convert.tiny.init_weights``, decoder entry scaled
+    Initialised like the tiny test models (``testing.tiny_pipelines.init_weights``, decoder entry scaled
     down the same way), so activations stay in a trained model's float16 range and a benchmark
     of it exercises the same numbers of operations, bytes and layouts as the real checkpoint.
     """
@@ -84,7 +84,7 @@ def build_sd15_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from coreml_sd.convert.tiny import DECODER_INPUT_SCALE, init_weights, write_pipeline
+    from coreml_sd.testing.tiny_pipelines import DECODER_INPUT_SCALE, init_weights, write_pipeline
 
     unet = init_weights(UNet2DConditionModel(**SD15_UNET), seed, "unet").eval()
     vae = init_weights(AutoencoderKL(**SD15_VAE), seed, "vae").eval()

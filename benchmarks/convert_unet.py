@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from coreml_sd.benchmarks.configs import sd15_unet
-from coreml_sd.convert.components import COMPONENT_SPECS, Geometry
-from coreml_sd.convert.converter import peak_rss_bytes, tool_versions
 from coreml_sd.convert.export import to_coreml, trace
+from coreml_sd.families import SD1, Geometry
+from coreml_sd.system import peak_rss_bytes, tool_versions
 from coreml_sd.models import load_unet
 
 
@@ -48,12 +48,12 @@ def main() -> None:
     del ref
     gc.collect()
     mark("wrap", t)
-    inputs, outputs = COMPONENT_SPECS["unet"].interface(Geometry(512, 512, 2, 768))  # as `coreml-sd convert` declares them
+    spec = SD1.component("unet")
+    inputs, outputs = spec.io(Geometry(512, 512, 2, 768))  # as `coreml-sd convert` declares them
     t = time.perf_counter()
     traced = trace(unet, inputs)
     mark("trace", t)
     t = time.perf_counter()
-    spec = COMPONENT_SPECS["unet"]
     mlmodel = to_coreml(traced, inputs, outputs, {}, "SD 1.5 UNet (random weights)", spec.float32_features)
     del unet, traced
     gc.collect()

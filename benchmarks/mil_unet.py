@@ -26,8 +26,8 @@ import torch
 
 from coreml_sd.benchmarks.configs import sd15_unet
 from coreml_sd.benchmarks.metrics import psnr
-from coreml_sd.convert.converter import peak_rss_bytes, tool_versions
 from coreml_sd.runtime.backends import load_model
+from coreml_sd.system import peak_rss_bytes, tool_versions
 
 HERE = Path(__file__).parent
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from coreml_sd.system import tool_versions
+
 SHAPE = (2, 4, 64, 64)
 STEPS, AT = 20, 10
 GOAL_US = 1000.0
@@ -244,15 +246,6 @@ def print_run(run: int, rows: list[dict], draws: dict[str, float]) -> None:
     print(f"one {SHAPE} draw: " + ", ".join(f"{k} {v:.1f} µs" for k, v in draws.items()))
 
 
-def tool_versions() -> dict[str, str]:
-    """Versions of what this benchmark runs, read from package metadata (importing coremltools
-    only to ask would print its warnings)."""
-    from importlib.metadata import version
-
-    tools = {name: version(name) for name in ("coreml-sd", "torch", "diffusers", "numpy")}
-    return {**tools, "python": platform.python_version()}
-
-
 def record(args, runs: list[tuple[list[dict], dict[str, float]]]) -> dict:
     """The JSON record: per scheduler, each figure as a list with one entry per run."""
     import torch
@@ -289,7 +282,7 @@ def record(args, runs: list[tuple[list[dict], dict[str, float]]]) -> dict:
         "machine": platform.platform(),
         "rows": rows,
         "draw_us": {k: per_run([draws_ for _, draws_ in runs], k) for k in runs[0][1]},
-        "tools": tool_versions(),
+        "tools": tool_versions(("coreml-sd", "torch", "diffusers", "numpy")),
     }
 
 

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..runtime.bundle import FORMAT_VERSION, MANIFEST, BundleError, hash_tree, read_manifest
+from ..contract import FORMAT_VERSION, MANIFEST, BundleError, hash_tree, read_manifest
 
 _PROGRESS = ".components.json"  # staging-only record of finished components
 
@@ -68,34 +68,42 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def check_output(out: Path, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse an output path that cannot take a bundle (one-line ``OutputError``); returns the
+    manifest of the bundle already there (None when there is none), for reusing its components."""
+    out = Path(out).absolute()
+    if not out.exists():
+        return None
+    if not overwrite:
+        raise OutputError(f"output {out} already exists; pass --overwrite to replace it")
+    if not out.is_dir():
+        raise OutputError(f"output {out} is a file; choose a folder path for the bundle")
+    if not any(out.iterdir()):
+        return None
+    try:
+        return read_manifest(out)
+    except BundleError:
+        raise OutputError(
+            f"output {out} exists and is not a coreml-sd bundle; refusing to replace it (choose another output folder)"
+        ) from None
+
+
 class BundleWriter:
-    def __init__(self, out: Path, overwrite: bool):
+    """The staging folder of a bundle converting the components ``names``, ready on construction.
+
+    Construction creates the staging folder or resumes it. Recorded components this run does
+    not ask for are forgotten (left by an earlier request), and everything no remaining recorded
+    component owns is deleted. A run can stop between saving a component and recording it
+    (Ctrl-C while its files are hashed, a failed compile): its package is then on disk but
+    unknown, and would both block the next save of that component and slip into the bundle
+    unlisted if the next run did not ask for it. Files written for the whole bundle (tokenizer,
+    scheduler) are rewritten anyway.
+    """
+
+    def __init__(self, out: Path, overwrite: bool, names: set[str]):
         self.out = Path(out).absolute()
         self.staging = staging_dir(self.out)
-        self.previous: dict[str, Any] | None = None
-        if self.out.exists():
-            if not overwrite:
-                raise OutputError(f"output {self.out} already exists; pass --overwrite to replace it")
-            if self.out.is_dir() and any(self.out.iterdir()):
-                try:
-                    self.previous = read_manifest(self.out)
-                except BundleError:
-                    raise OutputError(
-                        f"output {self.out} exists and is not a coreml-sd bundle; refusing to replace it (choose another output folder)"
-                    ) from None
-            elif not self.out.is_dir():
-                raise OutputError(f"output {self.out} is a file; choose a folder path for the bundle")
-
-    def open(self, names: set[str]) -> None:
-        """Create or resume the staging directory for a run converting the components ``names``.
-
-        Recorded components this run does not ask for are forgotten (left by an earlier request),
-        and everything no remaining recorded component owns is deleted. A run can stop between
-        saving a component and recording it (Ctrl-C while its files are hashed, a failed
-        compile): its package is then on disk but unknown, and would both block the next save of
-        that component and slip into the bundle unlisted if the next run did not ask for it.
-        Files written for the whole bundle (tokenizer, scheduler) are rewritten anyway.
-        """
+        self.previous = check_output(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(exist_ok=True)
         self.done: dict[str, dict[str, Any]] = {}

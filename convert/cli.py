@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from ..runtime.backends import INSTALL_CONVERT_EXTRA
-from ..runtime.bundle import COMPONENTS
+from ..families import COMPONENTS
+from ..system import INSTALL_CONVERT_EXTRA
 
 _ATTENTION = ("original", "split-einsum", "split-einsum-v2")
 _DEFAULT_COMPONENTS = ",".join(COMPONENTS)

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
-import platform
-import resource
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,14 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..contract import MERGES, SCHEDULER_CONFIG, VOCAB
+from ..families import COMPONENTS, ComponentSpec, Family, Geometry, family
 from ..models import AttentionImpl
-from ..runtime.bundle import MERGES, SCHEDULER_CONFIG, VOCAB
-from .bundle import BundleWriter, recipe_hash
-from .components import COMPONENT_SPECS, VAE_SCALE, Component, Geometry, source_config
+from ..system import peak_rss_bytes, tool_versions
+from .bundle import BundleWriter, check_output, recipe_hash
+from .components import BUILDERS, build_module, source_config
 from .export import can_compile, compile_package, to_coreml, trace
 from .source import SUPPORTED, Source
 
-DEFAULT_COMPONENTS = ("text-encoder", "unet", "vae-decoder", "vae-encoder")
+DEFAULT_COMPONENTS = tuple(COMPONENTS)
 
 
 class ConvertError(Exception):
@@ -49,12 +48,6 @@ class ConvertOptions:
     query_chunk: int = 512
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 @dataclass
 class Progress:
     """Stage-by-stage progress lines with elapsed times."""
@@ -70,72 +63,98 @@ class Progress:
         self.log(f"[{component}] {what} done in {time.perf_counter() - t:.1f}s")
 
 
-def tool_versions() -> dict[str, str]:
-    import diffusers
-    import numpy
-    import torch
-    import transformers
-
-    from ..runtime.backends import import_coremltools
-
-    coremltools = import_coremltools()
-    return {
-        "coreml-sd": __version__,
-        "coremltools": coremltools.__version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-    }
+# ------------------------------------------------------------------ 1. plan: every cheap check
 
 
-def _configs(source: Source, components: list[Component]) -> dict[str, dict[str, Any]]:
-    """Every config the conversion reads, each read once, as diffusers / transformers read it
-    (``source_config``): the UNet's (sizes come from it), that of each part a requested component
-    is built from (a part the pipeline lacks is a ``SourceError``), and the VAE's in any case: the
-    manifest records its scaling factor (diffusers' default for a pipeline without VAE)."""
-    parts = dict.fromkeys(["unet", *(comp.source_part for comp in components)])
+@dataclass(frozen=True)
+class Plan:
+    """A conversion checked as far as it can be without converting: what to build, for which
+    sizes, from which configs, into which folder."""
+
+    source: Source
+    out: Path
+    family: Family
+    components: tuple[ComponentSpec, ...]  # requested, in the family's order
+    configs: dict[str, dict[str, Any]]  # per source part, as diffusers / transformers read it
+    geometry: Geometry
+    attention: AttentionImpl
+    query_chunk: int
+    compile: bool
+    overwrite: bool
+    tokenizer: tuple[Path, Path, str]  # vocab.json, merges.txt, pad token
+    tools: dict[str, str | None]
+
+
+def plan(source: Source, out: Path, opts: ConvertOptions = ConvertOptions()) -> Plan:
+    """Check everything that can be checked cheaply, in the order a user would fix it (options,
+    configs, architectures, sizes, tokenizer, output path), and the weight files last (for a hub
+    source that downloads them). Raises ``ConvertError``, ``SourceError`` or ``OutputError``."""
+    attention = AttentionImpl.parse(opts.attention)
+    fam = family(source.family)
+    unknown = [c for c in opts.components if c not in COMPONENTS]
+    if unknown or not opts.components:
+        raise ConvertError(f"unknown component {', '.join(unknown) or '(none)'}: choose from {', '.join(COMPONENTS)}")
+    components = tuple(c for c in fam.components if c.cli_name in opts.components)
+    configs = _configs(source, components)  # a component the checkpoint lacks fails here
+    architectures = _architectures(source.id, components, configs)
+    geometry = _geometry(source.id, fam, opts, configs["unet"], architectures)
+    do_compile = can_compile() if opts.compile is None else opts.compile
+    if do_compile and not can_compile():
+        raise ConvertError("compiling to .mlmodelc needs macOS (Core ML); drop --compile on this system")
+    tokenizer = source.tokenizer_files()
+    check_output(out, opts.overwrite)
+    for part in dict.fromkeys(c.source_part for c in components):
+        source.check_weights(part)
+    return Plan(source, Path(out), fam, components, configs, geometry, attention, opts.query_chunk, do_compile,
+                opts.overwrite, tokenizer, tool_versions())
+
+
+def _configs(source: Source, components: tuple[ComponentSpec, ...]) -> dict[str, dict[str, Any]]:
+    """Every config the conversion reads, each read once (``source_config``): the UNet's (sizes
+    come from it), that of each part a requested component is built from (a part the pipeline
+    lacks is a ``SourceError``), and the VAE's in any case: the manifest records its scaling
+    factor (diffusers' default for a pipeline without VAE)."""
+    parts = dict.fromkeys(["unet", *(c.source_part for c in components)])
     configs = {part: source_config(source, part) for part in parts}
     if "vae" not in configs:
         configs["vae"] = source_config(source, "vae", missing_ok=True)
     return configs
 
 
-def _architectures(source_id: str, components: list[Component], configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _architectures(source_id: str, components: tuple[ComponentSpec, ...], configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Each requested part's module config (``text_encoder``, ``unet``, ``vae``), from ``configs``.
 
     Cheap, and the place where a variant our modules do not implement (an LCM UNet's
     ``time_cond_proj_dim``, a VAE with a ``shift_factor``, ...) is refused, before any work."""
     architectures = {}
-    for comp in components:
-        if comp.source_part in architectures:  # the VAE's decoder and encoder: one config
+    for spec in components:
+        if spec.source_part in architectures:  # the VAE's decoder and encoder: one config
             continue
         try:
-            architectures[comp.source_part] = comp.architecture(configs[comp.source_part])
+            architectures[spec.source_part] = BUILDERS[spec.cli_name].architecture(configs[spec.source_part])
         except KeyError as exc:
-            raise ConvertError(f"{source_id}: its {comp.source_part} config has no field {exc}; {SUPPORTED}") from None
+            raise ConvertError(f"{source_id}: its {spec.source_part} config has no field {exc}; {SUPPORTED}") from None
         except (ValueError, TypeError) as exc:
             raise ConvertError(f"{source_id}: {exc}; {SUPPORTED}") from None
     return architectures
 
 
-def _image_side(name: str, requested: int | None, native: int | None, unet_factor: int) -> int:
+def _image_side(name: str, requested: int | None, native: int | None, vae_scale: int, unet_factor: int) -> int:
     """One side of the image in pixels: as requested, else the model's native size."""
     if requested is None and native is None:
         raise ConvertError(f"the UNet config gives no sample_size: pass --{name}")
     side = native if requested is None else requested
-    if side <= 0 or side % VAE_SCALE:
-        raise ConvertError(f"--{name} {side}: the image side must be a positive multiple of {VAE_SCALE} (the VAE's scale)")
-    if (side // VAE_SCALE) % unet_factor:
+    if side <= 0 or side % vae_scale:
+        raise ConvertError(f"--{name} {side}: the image side must be a positive multiple of {vae_scale} (the VAE's scale)")
+    if (side // vae_scale) % unet_factor:
         raise ConvertError(
-            f"--{name} {side}: latent side {side // VAE_SCALE} is not a multiple of {unet_factor} as this UNet needs; "
-            f"use a multiple of {VAE_SCALE * unet_factor} pixels"
+            f"--{name} {side}: latent side {side // vae_scale} is not a multiple of {unet_factor} as this UNet needs; "
+            f"use a multiple of {vae_scale * unet_factor} pixels"
         )
     return side
 
 
-def _native_size(source_id: str, sample_size: Any) -> tuple[int, int] | None:
+def _native_size(source_id: str, sample_size: Any, vae_scale: int) -> tuple[int, int] | None:
     """(height, width) in pixels from a UNet's ``sample_size``: one latent side, or (height,
     width) as diffusers also allows; None when absent."""
     if not sample_size:
@@ -143,19 +162,21 @@ def _native_size(source_id: str, sample_size: Any) -> tuple[int, int] | None:
     sides = list(sample_size) if isinstance(sample_size, (list, tuple)) else [sample_size, sample_size]
     if len(sides) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
         raise ConvertError(f"{source_id}: its UNet's sample_size {sample_size!r} is neither a latent side nor (height, width)")
-    return sides[0] * VAE_SCALE, sides[1] * VAE_SCALE
+    return sides[0] * vae_scale, sides[1] * vae_scale
 
 
-def _geometry(source_id: str, opts: ConvertOptions, unet: dict[str, Any], architectures: dict[str, Any]) -> Geometry:
+def _geometry(source_id: str, fam: Family, opts: ConvertOptions, unet: dict[str, Any], architectures: dict[str, Any]) -> Geometry:
     """Sizes for every component, from the UNet's config ``unet`` (every pipeline has one) and the
     flags; checked against the requested parts' ``architectures``."""
+    scale = fam.vae_scale
     unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
-    native = _native_size(source_id, unet.get("sample_size"))
-    height = _image_side("height", opts.height, native and native[0], unet_factor)
-    width = _image_side("width", opts.width, native and native[1], unet_factor)
+    native = _native_size(source_id, unet.get("sample_size"), scale)
+    height = _image_side("height", opts.height, native and native[0], scale, unet_factor)
+    width = _image_side("width", opts.width, native and native[1], scale, unet_factor)
     if opts.unet_batch not in (1, 2):
         raise ConvertError(f"UNet batch {opts.unet_batch}: use 2 (default) or 1 (--unet-batch-one)")
-    geometry = Geometry(height, width, opts.unet_batch, unet["cross_attention_dim"])
+    geometry = Geometry(height, width, opts.unet_batch, unet["cross_attention_dim"], vae_scale=scale,
+                        latent_channels=fam.latent_channels)
     text = architectures.get("text_encoder")
     if text is not None and (text.hidden_size, text.max_length) != (geometry.text_dim, geometry.max_length):
         raise ConvertError(
@@ -163,115 +184,118 @@ def _geometry(source_id: str, opts: ConvertOptions, unet: dict[str, Any], archit
             f" {geometry.max_length} x {geometry.text_dim}: the parts are not of one Stable Diffusion pipeline"
         )
     vae = architectures.get("vae")
-    if vae is not None and (scale := 2 ** (len(vae.block_out_channels) - 1)) != VAE_SCALE:
-        raise ConvertError(f"{source_id}: its VAE scales images by {scale}, not {VAE_SCALE} as SD's does; {SUPPORTED}")
+    if vae is not None and (vae_factor := 2 ** (len(vae.block_out_channels) - 1)) != scale:
+        raise ConvertError(f"{source_id}: its VAE scales images by {vae_factor}, not {scale} as {fam.label}'s does; {SUPPORTED}")
     return geometry
+
+
+# ------------------------------------------------------------------ 2. one component
+
+
+def _recipe(p: Plan, spec: ComponentSpec, inputs) -> str:
+    """What a component's package depends on: a bundle's component with the same recipe is reused."""
+    return recipe_hash(
+        {
+            "component": spec.cli_name,
+            "source": p.source.fingerprint(spec.source_part),
+            "attention": p.attention.value,
+            "query_chunk": p.query_chunk,
+            "float32_features": list(spec.float32_features),
+            "inputs": [s.as_dict() | {"name": s.name} for s in inputs],
+            "compiled": p.compile,
+            "tools": p.tools,
+        }
+    )
+
+
+def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progress: Progress) -> None:
+    """Reuse ``spec``'s component when its recipe is unchanged, else load -> trace -> convert ->
+    save -> compile it into ``writer``'s staging folder, freeing each stage's copy before the next."""
+    inputs, outputs = spec.io(p.geometry)
+    recipe = _recipe(p, spec, inputs)
+    reused = writer.reuse(spec.name, recipe)
+    if reused:
+        progress.log(f"[{spec.cli_name}] unchanged: reused from the {reused}")
+        return
+    t0 = time.perf_counter()
+    with progress.stage(spec.cli_name, "load"):
+        try:
+            module = build_module(p.source, spec, p.attention, p.query_chunk)
+        except ValueError as exc:  # the weights do not fit our module (models.model_io)
+            raise ConvertError(f"{p.source.id}: its {spec.source_part} does not map onto coreml-sd's {spec.name}: {exc}") from None
+    with progress.stage(spec.cli_name, "trace"):
+        traced = trace(module, inputs)
+    with progress.stage(spec.cli_name, "convert"):
+        metadata = {
+            "coreml-sd.version": __version__,
+            "coreml-sd.component": spec.name,
+            "coreml-sd.source": p.source.id,
+            "coreml-sd.attention": p.attention.value,
+        }
+        mlmodel = to_coreml(traced, inputs, outputs, metadata, f"{spec.description} ({p.source.id})", spec.float32_features)
+    del module, traced
+    gc.collect()
+    package = f"{spec.name}.mlpackage"
+    with progress.stage(spec.cli_name, "save"):
+        # Straight into place: until record() lists it, the next run's writer deletes it, so an
+        # interrupted save leaves nothing behind.
+        mlmodel.save(str(writer.staging / package))
+    del mlmodel
+    gc.collect()
+    compiled = f"{spec.name}.mlmodelc" if p.compile else None
+    if compiled:
+        with progress.stage(spec.cli_name, "compile"):
+            compile_package(writer.staging / package, writer.staging / compiled)
+    entry = {
+        "package": package,
+        "compiled": compiled,
+        "precision": "float16",
+        "compression": None,
+        "inputs": {s.name: s.as_dict() for s in inputs},
+        "outputs": {s.name: s.as_dict() for s in outputs},
+    }
+    writer.record(spec.name, entry, recipe, [package, *([compiled] if compiled else [])])
+    progress.log(
+        f"[{spec.cli_name}] converted in {time.perf_counter() - t0:.1f}s (peak memory so far {peak_rss_bytes() / 2**30:.1f} GiB)"
+    )
+
+
+# ------------------------------------------------------------------ 3. the manifest
+
+
+def write_manifest(p: Plan, writer: BundleWriter) -> Path:
+    """Add the tokenizer and scheduler files and the manifest, and move the bundle into place."""
+    vocab, merges, pad_token = p.tokenizer
+    shutil.copyfile(vocab, writer.staging / VOCAB)
+    shutil.copyfile(merges, writer.staging / MERGES)
+    writer.write_text(SCHEDULER_CONFIG, json.dumps(p.source.scheduler_config(), indent=2) + "\n")
+    g = p.geometry
+    manifest: dict[str, Any] = {
+        "created_by": f"coreml-sd {__version__}",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"kind": p.source.kind, "id": p.source.id, "revision": p.source.revision},
+        "family": p.family.name,
+        "prediction_type": p.source.prediction_type,
+        "image_size": [g.height, g.width],
+        "latent_size": list(g.latent),
+        "attention": p.attention.value,
+        "query_chunk": p.query_chunk,
+        "unet_batch": g.unet_batch,
+        "text_embedding_dim": g.text_dim,
+        "tokenizer": {"pad_token": pad_token, "max_length": g.max_length},
+        "vae": {"scaling_factor": p.configs["vae"]["scaling_factor"]},
+        "tools": p.tools,
+    }
+    return writer.finish(manifest, [VOCAB, MERGES, SCHEDULER_CONFIG])
 
 
 def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), progress: Progress | None = None) -> Path:
     """Convert ``source`` into the bundle directory ``out``; returns its path."""
     progress = progress or Progress()
-    attention = AttentionImpl.parse(opts.attention)
-    unknown = [c for c in opts.components if c not in COMPONENT_SPECS]
-    if unknown or not opts.components:
-        raise ConvertError(f"unknown component {', '.join(unknown) or '(none)'}: choose from {', '.join(COMPONENT_SPECS)}")
-    components = [COMPONENT_SPECS[c] for c in DEFAULT_COMPONENTS if c in opts.components]
-    configs = _configs(source, components)  # a component the checkpoint lacks fails here
-    architectures = _architectures(source.id, components, configs)
-    geometry = _geometry(source.id, opts, configs["unet"], architectures)
-    do_compile = can_compile() if opts.compile is None else opts.compile
-    if do_compile and not can_compile():
-        raise ConvertError("compiling to .mlmodelc needs macOS (Core ML); drop --compile on this system")
-    vocab, merges, pad_token = source.tokenizer_files()
-    writer = BundleWriter(out, opts.overwrite)
-    for part in dict.fromkeys(comp.source_part for comp in components):
-        source.check_weights(part)  # last: for a hub repo this downloads them
-
-    tools = tool_versions()
-    writer.open({c.name for c in components})
-    for comp in components:
-        inputs, outputs = comp.interface(geometry)
-        recipe = recipe_hash(
-            {
-                "component": comp.cli_name,
-                "source": source.fingerprint(comp.source_part),
-                "attention": attention.value,
-                "query_chunk": opts.query_chunk,
-                "float32_features": list(comp.float32_features),
-                "inputs": [s.as_dict() | {"name": s.name} for s in inputs],
-                "compiled": do_compile,
-                "tools": tools,
-            }
-        )
-        reused = writer.reuse(comp.name, recipe)
-        if reused:
-            progress.log(f"[{comp.cli_name}] unchanged: reused from the {reused}")
-            continue
-        t0 = time.perf_counter()
-        with progress.stage(comp.cli_name, "load"):
-            try:
-                module = comp.build(source, attention, opts.query_chunk)
-            except ValueError as exc:  # the weights do not fit our module (models.model_io)
-                raise ConvertError(f"{source.id}: its {comp.source_part} does not map onto coreml-sd's {comp.name}: {exc}") from None
-        with progress.stage(comp.cli_name, "trace"):
-            traced = trace(module, inputs)
-        with progress.stage(comp.cli_name, "convert"):
-            metadata = {
-                "coreml-sd.version": __version__,
-                "coreml-sd.component": comp.name,
-                "coreml-sd.source": source.id,
-                "coreml-sd.attention": attention.value,
-            }
-            mlmodel = to_coreml(
-                traced, inputs, outputs, metadata, f"{comp.description} ({source.id})", comp.float32_features
-            )
-        del module, traced
-        gc.collect()
-        package = f"{comp.name}.mlpackage"
-        with progress.stage(comp.cli_name, "save"):
-            # Straight into place: until record() lists it, the next run's writer.open() deletes
-            # it, so an interrupted save leaves nothing behind.
-            mlmodel.save(str(writer.staging / package))
-        del mlmodel
-        gc.collect()
-        paths = [package]
-        if do_compile:
-            with progress.stage(comp.cli_name, "compile"):
-                compile_package(writer.staging / package, writer.staging / f"{comp.name}.mlmodelc")
-            paths.append(f"{comp.name}.mlmodelc")
-        entry = {
-            "package": package,
-            "compiled": f"{comp.name}.mlmodelc" if do_compile else None,
-            "precision": "float16",
-            "compression": None,
-            "inputs": {s.name: s.as_dict() for s in inputs},
-            "outputs": {s.name: s.as_dict() for s in outputs},
-        }
-        writer.record(comp.name, entry, recipe, paths)
-        progress.log(
-            f"[{comp.cli_name}] converted in {time.perf_counter() - t0:.1f}s (peak memory so far {peak_rss_bytes() / 2**30:.1f} GiB)"
-        )
-
-    shutil.copyfile(vocab, writer.staging / VOCAB)
-    shutil.copyfile(merges, writer.staging / MERGES)
-    writer.write_text(SCHEDULER_CONFIG, json.dumps(source.scheduler_config(), indent=2) + "\n")
-    h, w = geometry.latent
-    manifest: dict[str, Any] = {
-        "created_by": f"coreml-sd {__version__}",
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"kind": source.kind, "id": source.id, "revision": source.revision},
-        "family": source.family,
-        "prediction_type": source.prediction_type,
-        "image_size": [geometry.height, geometry.width],
-        "latent_size": [h, w],
-        "attention": attention.value,
-        "query_chunk": opts.query_chunk,
-        "unet_batch": geometry.unet_batch,
-        "text_embedding_dim": geometry.text_dim,
-        "tokenizer": {"pad_token": pad_token, "max_length": geometry.max_length},
-        "vae": {"scaling_factor": configs["vae"]["scaling_factor"]},
-        "tools": tools,
-    }
-    path = writer.finish(manifest, [VOCAB, MERGES, SCHEDULER_CONFIG])
+    p = plan(source, out, opts)
+    writer = BundleWriter(p.out, p.overwrite, {spec.name for spec in p.components})
+    for spec in p.components:
+        convert_component(p, spec, writer, progress)
+    path = write_manifest(p, writer)
     progress.log(f"bundle written to {path} in {time.perf_counter() - progress.start:.1f}s")
     return path

@@ -1,11 +1,12 @@
 """torch module -> Core ML ML program -> (on macOS) compiled ``.mlmodelc``.
 
 The one place that calls ``torch.jit.trace`` and ``coremltools.convert``. Programs are float16
-compute, macOS 13 / iOS 16 minimum (what Apple's Swift package and its apps target), with the
-input and output types Apple's pipeline feeds and reads: float32 in and out, as Apple's converter
-declares them (float16 outputs crash ``MLShapedArray<Float32>`` conversion on macOS 13). With
-float32 inputs, coremltools' float16 pass puts a cast to float16 right after each input, so the
-program's compute and weights are float16 all the same.
+compute, macOS 13 / iOS 16 minimum (what Apple's Swift package and its apps target), with float32
+inputs and outputs by choice (see ``coreml_sd.families``): the Swift package feeds and reads
+Float32 (float16 outputs crash its ``MLShapedArray<Float32>`` conversion on macOS 13), and a
+float32 timestep keeps the UNet's accuracy at high timesteps, where Apple's converter declares
+the UNet's and VAE's inputs float16. With float32 inputs, coremltools' float16 pass puts a cast
+to float16 right after each input, so the program's compute and weights are float16 all the same.
 """
 
 from __future__ import annotations
@@ -13,27 +14,16 @@ from __future__ import annotations
 import shutil
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..families import TensorSpec
+from ..system import import_coremltools
+
 _DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model input or output as the Core ML model declares it."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # "float16" | "float32": the type the model declares, whatever it computes in
-    description: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "dtype": self.dtype}
 
 
 class CompileError(Exception):
@@ -100,8 +90,6 @@ def to_coreml(
     ``precision``: "float16" (what the Neural Engine runs) or "float32" (CPU/GPU only).
     ``float32_features``: inputs whose element-wise features stay float32 in a float16 program
     (see ``float32_features_of``)."""
-    from ..runtime.backends import import_coremltools
-
     ct = import_coremltools()  # without its Linux import noise
 
     if precision not in ("float16", "float32"):
@@ -138,8 +126,6 @@ def can_compile() -> bool:
 def compile_package(package: Path, destination: Path) -> Path:
     """Compile ``X.mlpackage`` to ``destination`` (``X.mlmodelc``) with coremltools' binding of
     the Core ML compiler (no Xcode needed). Any failure is a ``CompileError``."""
-    from ..runtime.backends import import_coremltools
-
     ct = import_coremltools()  # without its Linux import noise
 
     if destination.exists():

@@ -529,26 +529,14 @@ class Source:
         (file headers only; a hub repo's weights are downloaded here)."""
         self._files.check_weights(component)
 
-    def unet_config(self) -> dict[str, Any]:
-        return self._files.config("unet")
+    def config(self, part: str) -> dict[str, Any]:
+        """The ``config.json`` of ``part`` (``unet``, ``vae``, ``text_encoder``) as the file says it."""
+        return self._files.config(part)
 
-    def vae_config(self) -> dict[str, Any]:
-        return self._files.config("vae")
-
-    def text_encoder_config(self) -> dict[str, Any]:
-        return self._files.config("text_encoder")
-
-    def load_unet(self):
-        """The ``diffusers.UNet2DConditionModel``, float32, eval mode."""
-        return self._files.load("unet").eval()
-
-    def load_vae(self):
-        """The ``diffusers.AutoencoderKL``, float32, eval mode."""
-        return self._files.load("vae").eval()
-
-    def load_text_encoder(self):
-        """The ``transformers.CLIPTextModel``, float32, eval mode."""
-        return self._files.load("text_encoder").eval()
+    def load(self, part: str) -> torch.nn.Module:
+        """The weights of ``part`` in float32, eval mode: a ``diffusers.UNet2DConditionModel`` or
+        ``AutoencoderKL``, or a ``transformers.CLIPTextModel``."""
+        return self._files.load(part).eval()
 
     def _layout(self) -> _Folder:
         """The diffusers layout holding tokenizer and scheduler (for a single file: its config)."""
@@ -669,7 +657,7 @@ def _check_against_config(shapes: dict[str, torch.Size], source: Source) -> None
     where, config_where = source.id, source._layout().where
     unet_keys = (k for k in shapes if k.startswith("model.diffusion_model."))
     to_k = sorted(k for k in unet_keys if k.endswith("attn2.to_k.weight"))  # cross-attention keys
-    width = source.unet_config().get("cross_attention_dim")
+    width = source.config("unet").get("cross_attention_dim")
     if to_k and shapes[to_k[0]][1] != width:
         raise SourceError(
             f"{where} cross-attends to {shapes[to_k[0]][1]}-wide text embeddings, the config of {config_where}"

@@ -19,7 +19,7 @@ _COMMANDS = (
     ("coreml_sd.runtime.cli", "generate"),
     ("coreml_sd.benchmarks.cli", "bench"),
     ("coreml_sd.benchmarks.cli", "report"),
-    ("coreml_sd.convert.demo", "demo"),
+    ("coreml_sd.demo", "demo"),
 )
 
 
@@ -30,16 +30,10 @@ def main() -> None:
 
 
 def _register() -> None:
+    # A missing module or command is a broken install or a broken tree: fail loudly, never ship a
+    # `coreml-sd` that silently lacks a command.
     for module_name, attr in _COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # A stage that has not been built yet; never hide a missing dependency.
-            if exc.name != module_name:
-                raise
-            continue
-        if hasattr(module, attr):
-            main.add_command(getattr(module, attr))
+        main.add_command(getattr(importlib.import_module(module_name), attr))
 
 
 _register()

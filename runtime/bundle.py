@@ -1,12 +1,7 @@
-"""The bundle: the one contract between ``convert`` (writes it) and ``runtime`` (reads it).
+"""Opening a bundle for the runtime, whatever its layout: ours (``manifest.json``, see
+``coreml_sd.contract``), or one of the Core ML layouts Apple publishes.
 
-A directory holding the Core ML models under the names Apple's Swift ``StableDiffusion``
-package loads (``TextEncoder``, ``Unet``, ``VAEDecoder``, ``VAEEncoder`` as ``.mlpackage``, and as
-compiled ``.mlmodelc`` on macOS), the tokenizer files ``vocab.json`` and ``merges.txt``, the source
-``scheduler_config.json``, and ``manifest.json`` describing all of it with a sha256 per file.
-
-This module holds what both sides share: names, the manifest format and hashing. It imports
-neither torch nor coremltools.
+Imports neither torch nor coremltools at module level.
 """
 
 from __future__ import annotations
@@ -19,97 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-VOCAB, MERGES, SCHEDULER_CONFIG = "vocab.json", "merges.txt", "scheduler_config.json"
+from ..contract import (
+    APPLE_PACKAGE_PREFIX, APPLE_SUBMODULES, MANIFEST, MERGES, SCHEDULER_CONFIG, SD15_SCHEDULER_CONFIG, VOCAB, BundleError,
+    read_manifest, verify_files,
+)
+from ..families import FAMILIES, SD1, SD2, Family
 
-# CLI component name -> model name in the bundle (Apple's resource names).
-COMPONENTS = {
-    "text-encoder": "TextEncoder",
-    "unet": "Unet",
-    "vae-decoder": "VAEDecoder",
-    "vae-encoder": "VAEEncoder",
-}
-# The models every text-to-image run needs.
-REQUIRED = ("TextEncoder", "Unet", "VAEDecoder")
-
-
-class BundleError(Exception):
-    """A bundle that cannot be used; the message is one line naming the problem and the fix."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def hash_tree(root: Path, rel: str) -> dict[str, str]:
-    """sha256 of ``root/rel`` (a file) or of every file under it (a package directory), keyed by
-    POSIX path relative to ``root``."""
-    path = root / rel
-    if path.is_file():
-        return {rel: sha256_file(path)}
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def read_manifest(bundle: Path) -> dict[str, Any]:
-    """The parsed manifest of a coreml-sd bundle, with its format version checked."""
-    path = Path(bundle) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{bundle}: no {MANIFEST}; is this a bundle written by 'coreml-sd convert'?") from None
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: unreadable manifest ({exc}); re-run 'coreml-sd convert'") from None
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"{bundle}: bundle format version {version!r}, this coreml-sd reads version {FORMAT_VERSION}; "
-            "re-convert it with this version of 'coreml-sd convert'"
-        )
-    return manifest
-
-
-def verify_files(bundle: Path, files: dict[str, str], prefix: str = "") -> None:
-    """Check the sha256 of every manifest file (under ``prefix``, if given) against the disk."""
-    bundle = Path(bundle)
-    for rel, want in files.items():
-        if not rel.startswith(prefix):
-            continue
-        path = bundle / rel
-        if not path.is_file():
-            raise BundleError(f"{bundle}: missing file {rel}; the bundle is incomplete, re-run 'coreml-sd convert'")
-        if sha256_file(path) != want:
-            raise BundleError(f"{bundle}: {rel} does not match its sha256 in {MANIFEST} (corrupt or modified); re-run 'coreml-sd convert'")
+__all__ = ["Bundle", "BundleError", "ModelFiles", "describe_shapes", "open_bundle", "verify_cached"]
 
 
 # ------------------------------------------------------------------ opening a bundle for the runtime
 
-# Apple's python converter names packages "Stable_Diffusion_version_<model>_<submodule>.mlpackage".
-_APPLE_PREFIX = "Stable_Diffusion_version_"
-_APPLE_SUBMODULES = {
-    "TextEncoder": ("text_encoder",),
-    "Unet": ("unet",),
-    "VAEDecoder": ("vae_decoder",),
-    "VAEEncoder": ("vae_encoder",),
-}
-# What a bundle without a scheduler config gets: the noise schedule every SD 1.x / 2.x checkpoint
-# was trained with (Apple's Swift package hard-codes the same values), PNDM as in SD 1.5.
-DEFAULT_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,  # SD configs say so; DDIM's own default would clip x0 to [-1, 1]
-    "prediction_type": "epsilon",
-}
+# What a bundle without a scheduler config gets (Apple's layouts): SD 1.5's, noise prediction.
+DEFAULT_SCHEDULER = {**SD15_SCHEDULER_CONFIG, "prediction_type": "epsilon"}
 
 
 @dataclass
@@ -140,8 +57,14 @@ class Bundle:
     manifest: dict[str, Any] | None = None
 
     @property
+    def spec(self) -> Family:
+        """The family's description: components, conditioning, constants."""
+        return FAMILIES[self.family]
+
+    @property
     def latent_size(self) -> tuple[int, int]:
-        return self.image_size[0] // 8, self.image_size[1] // 8
+        scale = self.spec.vae_scale
+        return self.image_size[0] // scale, self.image_size[1] // scale
 
     def has(self, component: str) -> bool:
         files = self.models.get(component)
@@ -201,7 +124,7 @@ def _open_ours(root: Path, verify: bool) -> Bundle:
         vocab=root / VOCAB,
         merges=root / MERGES,
         scheduler_config=scheduler,
-        family=_field(root, manifest, "family", lambda v: v in ("sd1", "sd2", "sdxl"), "sd1, sd2 or sdxl"),
+        family=_field(root, manifest, "family", lambda v: v in FAMILIES, " or ".join(FAMILIES)),
         prediction_type=_field(root, manifest, "prediction_type", lambda v: v in ("epsilon", "v_prediction", "sample"),
                                "epsilon, v_prediction or sample"),
         image_size=(h, w),
@@ -260,7 +183,7 @@ def _positive_number(value: Any) -> bool:
 
 def _apple_models(root: Path, layout: str) -> dict[str, ModelFiles]:
     models: dict[str, ModelFiles] = {}
-    for name, subs in _APPLE_SUBMODULES.items():
+    for name, sub in APPLE_SUBMODULES.items():
         files = ModelFiles()
         if layout == "apple-compiled":
             chunks = [root / f"{name}Chunk{i}.mlmodelc" for i in (1, 2)]
@@ -269,15 +192,14 @@ def _apple_models(root: Path, layout: str) -> dict[str, ModelFiles]:
             elif (root / f"{name}.mlmodelc").is_dir():
                 files.compiled = [root / f"{name}.mlmodelc"]
         else:
-            for sub in subs:
-                chunks = [sorted(root.glob(f"*_{sub}_chunk{i}.mlpackage")) for i in (1, 2)]
-                whole = sorted(root.glob(f"*_{sub}.mlpackage"))
-                if all(len(c) == 1 for c in chunks):
-                    files.packages = [chunks[0][0], chunks[1][0]]
-                elif len(whole) == 1:
-                    files.packages = whole
-                elif len(whole) > 1:
-                    raise BundleError(f"{root}: several *_{sub}.mlpackage files; keep one model per folder")
+            chunks = [sorted(root.glob(f"*_{sub}_chunk{i}.mlpackage")) for i in (1, 2)]
+            whole = sorted(root.glob(f"*_{sub}.mlpackage"))
+            if all(len(c) == 1 for c in chunks):
+                files.packages = [chunks[0][0], chunks[1][0]]
+            elif len(whole) == 1:
+                files.packages = whole
+            elif len(whole) > 1:
+                raise BundleError(f"{root}: several *_{sub}.mlpackage files; keep one model per folder")
         if files.packages or files.compiled:
             models[name] = files
     return models
@@ -285,7 +207,7 @@ def _apple_models(root: Path, layout: str) -> dict[str, ModelFiles]:
 
 def _open_apple(root: Path, layout: str) -> Bundle:
     models = _apple_models(root, layout)
-    missing = [n for n in REQUIRED if n not in models]
+    missing = [n for n in SD1.required if n not in models]
     if missing:
         raise BundleError(f"{root}: no {', '.join(missing)} model in this {layout} folder; it is not a complete pipeline")
     # Tokenizer files sit beside compiled models; Apple's packages/ folders have none, so look in
@@ -303,7 +225,7 @@ def _open_apple(root: Path, layout: str) -> Bundle:
     hidden = text[1].get("last_hidden_state")
     if hidden is None:
         raise BundleError(f"{root}: the text encoder has no last_hidden_state output (SDXL bundles are not supported)")
-    family = "sd2" if hidden[-1] == 1024 else "sd1"
+    family = SD2 if hidden[-1] == 1024 else SD1
     name = _apple_name(root, models["Unet"])
     return Bundle(
         path=root,
@@ -312,13 +234,13 @@ def _open_apple(root: Path, layout: str) -> Bundle:
         vocab=tokenizer / VOCAB,
         merges=tokenizer / MERGES,
         scheduler_config=DEFAULT_SCHEDULER,
-        family=family,
+        family=family.name,
         prediction_type="epsilon",  # Apple's Swift pipeline supports only noise prediction
-        image_size=(sample[2] * 8, sample[3] * 8),
+        image_size=(sample[2] * family.vae_scale, sample[3] * family.vae_scale),
         unet_batch=sample[0],
         # diffusers pads SD 2.x prompts with "!" (Apple's Swift package pads all with the end token).
-        pad_token="!" if family == "sd2" else "<|endoftext|>",
-        vae_scaling=0.18215,
+        pad_token=family.pad_token,
+        vae_scaling=family.vae_scaling_factor,
         name=name,
     )
 
@@ -333,8 +255,8 @@ def _apple_name(root: Path, unet: ModelFiles) -> str:
     compiler records for a compiled UNet (the same string), else the nearest folder name that is
     not one of the layout's own (``compiled``, ``split_einsum``, ``Resources``, ...)."""
     stem = unet.packages[0].stem if unet.packages else _generated_class_name(unet.compiled[0])
-    if stem and stem.startswith(_APPLE_PREFIX):
-        return re.sub(r"_unet(_chunk\d)?$", "", stem.removeprefix(_APPLE_PREFIX))
+    if stem and stem.startswith(APPLE_PACKAGE_PREFIX):
+        return re.sub(r"_unet(_chunk\d)?$", "", stem.removeprefix(APPLE_PACKAGE_PREFIX))
     folders = [root.resolve(), *root.resolve().parents]
     return next((f.name for f in folders if f.name and f.name.lower() not in _GENERIC_FOLDERS), "model")
 

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .backends import ChainedModel, Model, default_backend, load_model
-from .bundle import REQUIRED, Bundle, BundleError, ModelFiles, open_bundle
+from .bundle import Bundle, BundleError, ModelFiles, open_bundle
 from .image import Parameters, fit_image, from_pil, to_pil
 from .random import make_rng
 from .schedulers import SCHEDULER_NAMES, Scheduler, from_config
@@ -202,10 +202,7 @@ def read_image(path: str | Path) -> Image.Image:
 # ------------------------------------------------------------------ the pipeline
 
 
-_CLI_NAMES = {"TextEncoder": "text-encoder", "Unet": "unet", "VAEDecoder": "vae-decoder", "VAEEncoder": "vae-encoder"}
-
-
-def check_setup(bundle: Bundle, backend: str = "auto", precision: str | None = None, names=REQUIRED,
+def check_setup(bundle: Bundle, backend: str = "auto", precision: str | None = None, names=None,
                 purpose: str = "generation") -> str:
     """What ``Pipeline(bundle, backend, precision=...)`` refuses before loading any model: a model
     of ``names`` missing from the bundle or one this backend cannot run (a compiled ``.mlmodelc``
@@ -213,10 +210,12 @@ def check_setup(bundle: Bundle, backend: str = "auto", precision: str | None = N
     or ``GenerationError`` naming the fix (``purpose`` says who needs the models); returns the
     backend, ``auto`` resolved."""
     backend = default_backend() if backend == "auto" else backend
+    names = bundle.spec.required if names is None else names
     missing = [name for name in names if not bundle.has(name)]
     if missing:
+        cli_names = {c.name: c.cli_name for c in bundle.spec.components}
         raise BundleError(f"{bundle.path}: the bundle has no {', '.join(missing)}; {purpose} needs {', '.join(names)} "
-                          f"(convert with --components {','.join(_CLI_NAMES.get(n, n) for n in names)})")
+                          f"(convert with --components {','.join(cli_names.get(n, n) for n in names)})")
     if precision not in (None, "float16", "float32"):
         raise GenerationError(f"precision {precision!r}: use float16 (as the bundle declares) or float32")
     if precision == "float32" and backend != "mil":
@@ -269,7 +268,7 @@ class Pipeline:
         self.load_time = 0.0  # seconds spent loading on construction
         if not reduce_memory:
             t = time.perf_counter()
-            for name in REQUIRED:
+            for name in bundle.spec.required:
                 self.slots[name].get()
             self.load_time = time.perf_counter() - t
 

@@ -41,10 +41,12 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BOS_TOKEN", "EOS_TOKEN", "CLIPTokenizer", "Tokens", "normalize_text", "split_words"]
+from ..families import END_OF_TEXT
+
+__all__ = ["BOS_TOKEN", "END_OF_WORD", "EOS_TOKEN", "CLIPTokenizer", "Tokens", "byte_symbols", "normalize_text", "split_words"]
 
 BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
+EOS_TOKEN = END_OF_TEXT  # also SD 1.x's pad token, which the family description names
 END_OF_WORD = "</w>"
 CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")  # what may follow an apostrophe as one word
 
@@ -75,7 +77,7 @@ class Tokens:
     truncated: str = ""
 
 
-def _byte_symbols() -> dict[int, str]:
+def byte_symbols() -> dict[int, str]:
     """Map each byte to its printable stand-in character in CLIP's byte-level alphabet.
 
     Bytes that are printable, non-space Latin-1 characters represent themselves; the other 68
@@ -92,7 +94,7 @@ def _byte_symbols() -> dict[int, str]:
     return symbols
 
 
-_BYTE_TO_SYMBOL = _byte_symbols()
+_BYTE_TO_SYMBOL = byte_symbols()
 _SYMBOL_TO_BYTE = {symbol: b for b, symbol in _BYTE_TO_SYMBOL.items()}
 # Decoding UTF-8 bytes as Latin-1 gives one character per byte with code point == byte value,
 # so str.translate can then map bytes to symbols in one C-level pass.

@@ -59,8 +59,8 @@ def _once(target: Path, build) -> Path:
 
 
 def _tiny_dir(shared_dir: Path, family: str) -> Path:
-    from coreml_sd.convert.clip_vocab import find_clip_bpe
-    from coreml_sd.convert.tiny import build_tiny_pipeline
+    from coreml_sd.testing.clip_vocab import find_clip_bpe
+    from coreml_sd.testing.tiny_pipelines import build_tiny_pipeline
 
     try:
         find_clip_bpe()

@@ -14,14 +14,12 @@ name to numpy array and returns one of output name to array:
 - float outputs come back as float32 from both backends, whatever the program declares (a
   float16 output keeps its float16-rounded values); integer outputs as int32.
 
-coremltools is imported through ``import_coremltools()``, never directly: off macOS its import
-logs lines about the missing Core ML binding, which are noise there.
+coremltools is imported through ``coreml_sd.system.import_coremltools()``, never directly: off
+macOS its import logs lines about the missing Core ML binding, which are noise there.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +28,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ...system import INSTALL_CONVERT_EXTRA, import_coremltools
+
 BACKENDS = ("auto", "coreml", "mil")
 COMPUTE_UNITS = ("CPU_AND_NE", "CPU_AND_GPU", "ALL", "CPU_ONLY")
 _DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, "int32": np.int32}
@@ -37,15 +37,6 @@ _DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64, 
 # ints), integers take integers only (a float would be truncated silently). Never bool, complex,
 # strings or objects.
 _KINDS = {"float16": "fiu", "float32": "fiu", "float64": "fiu", "int32": "iu"}
-
-# What coremltools logs while it imports where it is expected, one pattern per line it prints:
-# off macOS its Core ML binding (libcoremlpython) does not exist, and the torch this project pins
-# is newer than the ones coremltools was tested with (conversion works, see DESIGN).
-_IMPORT_NOISE = re.compile(
-    r"Failed to load _ML\w+Proxy: No module named 'coremltools\.libcoremlpython'"
-    r"|Torch version \S+ has not been tested with coremltools\. .*"
-)
-
 
 class BackendError(Exception):
     """A model that cannot be loaded or called as asked (one-line message)."""
@@ -66,29 +57,6 @@ class Model(Protocol):
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Outputs by name; float outputs as float32 arrays (see the module docstring)."""
         ...
-
-
-def _not_import_noise(record: logging.LogRecord) -> bool:
-    return _IMPORT_NOISE.fullmatch(record.getMessage()) is None
-
-
-def import_coremltools():
-    """The ``coremltools`` module, imported without the lines it logs where they are expected (see
-    ``_IMPORT_NOISE``); any other message, warning or error still shows. Every import of
-    coremltools on the runtime path goes through here (submodules afterwards import quietly)."""
-    if "coremltools" in sys.modules:
-        import coremltools
-
-        return coremltools
-    # coremltools logs these through its package logger (no handler of its own: Python's
-    # last-resort handler prints them to stderr); a filter on that logger drops exactly them.
-    logger = logging.getLogger("coremltools")
-    logger.addFilter(_not_import_noise)
-    try:
-        import coremltools
-    finally:
-        logger.removeFilter(_not_import_noise)
-    return coremltools
 
 
 def describe(spec) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
@@ -215,10 +183,6 @@ def output_array(desc: TensorDescription, value) -> np.ndarray:
     """An output as ``predict`` returns it: float32 for a float output (float16 values convert
     exactly, so a float16 output keeps its rounding), int32 for an integer one."""
     return np.asarray(value, dtype=np.float32 if desc.dtype.startswith("float") else np.int32)
-
-
-# How to get torch and the rest of the conversion stack (the mil backend needs torch too).
-INSTALL_CONVERT_EXTRA = "pip install 'coreml-sd[convert]'"
 
 
 def default_backend() -> str:

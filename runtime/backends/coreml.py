@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import COMPUTE_UNITS, BackendError, check_inputs, describe_model, import_coremltools, output_array, require
+from ...system import import_coremltools
+from . import COMPUTE_UNITS, BackendError, check_inputs, describe_model, output_array, require
 
 
 class CoreMLModel:

@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import BackendError, check_inputs, describe, import_coremltools, load_spec, output_array
+from ...system import import_coremltools
+from . import BackendError, check_inputs, describe, load_spec, output_array
 from . import mil_fuse
 from .mil_ops import KERNELS
 

@@ -21,7 +21,7 @@ from coremltools.proto import FeatureTypes_pb2 as ft
 
 import coreml_sd
 from coreml_sd.cli import main
-from coreml_sd.runtime.bundle import hash_tree, verify_files
+from coreml_sd.contract import hash_tree, verify_files
 
 FAMILIES = ("sd1", "sd2")
 ATTENTIONS = ("original", "split-einsum", "split-einsum-v2")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from coreml_sd.convert import tiny
+from coreml_sd.testing import tiny_pipelines as tiny
 from coreml_sd.convert.source import Source, SourceError, detect_family, open_source
 
 from .ldm_checkpoint import unet_to_ldm, vae_to_ldm, write_ldm_checkpoint
@@ -59,7 +59,7 @@ def assert_same_tensors(module: torch.nn.Module, reference: dict[str, torch.Tens
 
 
 def load(source: Source, component: str) -> torch.nn.Module:
-    return getattr(source, f"load_{component}")()
+    return source.load(component)
 
 
 def copy_pipeline(src: Path, dst: Path) -> Path:
@@ -166,7 +166,7 @@ def test_open_folder(tiny_dir: Path, family: str) -> None:
     assert (source.family, source.prediction_type) == (family, PREDICTION[family])
     for component in ("unet", "vae", "text_encoder"):
         expected = json.loads((tiny_dir / component / "config.json").read_text())
-        assert getattr(source, f"{component}_config")() == expected
+        assert source.config(component) == expected
     assert source.scheduler_config() == tiny.tiny_scheduler_config(family)
     vocab, merges, pad = source.tokenizer_files()
     assert (vocab, merges) == (tiny_dir / "tokenizer" / "vocab.json", tiny_dir / "tokenizer" / "merges.txt")
@@ -197,9 +197,9 @@ def test_bin_weights_need_allow_pickle(tiny_sd1_dir: Path, tmp_path: Path) -> No
     torch.save(load_file(weights), folder / "vae" / "diffusion_pytorch_model.bin")
     weights.unlink()
     with pytest.raises(SourceError, match=r"pickle.*execute.*\.safetensors.*--allow-pickle") as info:
-        open_source(str(folder)).load_vae()
+        open_source(str(folder)).load("vae")
     assert "\n" not in str(info.value)
-    vae = open_source(str(folder), allow_pickle=True).load_vae()
+    vae = open_source(str(folder), allow_pickle=True).load("vae")
     assert_same_tensors(vae, saved_weights(tiny_sd1_dir, "vae"))
 
 
@@ -250,7 +250,7 @@ def test_open_single_file(tiny_dir: Path, single_file: Path, family: str) -> Non
     source = open_source(str(single_file), config=str(tiny_dir))
     assert (source.kind, source.id, source.revision) == ("single-file", str(single_file.resolve()), None)
     assert (source.family, source.prediction_type) == (family, PREDICTION[family])
-    assert source.unet_config() == json.loads((tiny_dir / "unet" / "config.json").read_text())
+    assert source.config("unet") == json.loads((tiny_dir / "unet" / "config.json").read_text())
     assert source.tokenizer_files()[2] == tiny.PAD_TOKENS[family]
     assert source.scheduler_config() == tiny.tiny_scheduler_config(family)
     for component in ("unet", "vae", "text_encoder"):
@@ -263,7 +263,7 @@ def test_half_precision_single_file_loads_as_float32(tiny_sd1_dir: Path, tiny_sd
     half = tmp_path / "half.safetensors"
     tensors = load_file(tiny_sd1_single_file)
     save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, half)
-    unet = open_source(str(half), config=str(tiny_sd1_dir)).load_unet()
+    unet = open_source(str(half), config=str(tiny_sd1_dir)).load("unet")
     expected = {k: v.half().float() for k, v in saved_weights(tiny_sd1_dir, "unet").items()}
     assert_same_tensors(unet, expected)
 
@@ -275,15 +275,15 @@ def test_ckpt_needs_allow_pickle(tiny_sd1_dir: Path, tiny_sd1_single_file: Path,
     assert all(part in message for part in ("pickle", "execute", ".safetensors", "--allow-pickle"))
     source = open_source(str(ckpt), config=str(tiny_sd1_dir), allow_pickle=True)
     assert source.family == "sd1"
-    assert_same_tensors(source.load_text_encoder(), saved_weights(tiny_sd1_dir, "text_encoder"))
+    assert_same_tensors(source.load("text_encoder"), saved_weights(tiny_sd1_dir, "text_encoder"))
 
 
 def test_single_file_lacking_a_component(tiny_sd1_dir: Path, tmp_path: Path) -> None:
     path = write_ldm_checkpoint(tiny_sd1_dir, tmp_path / "unet_only.safetensors", components=["unet"])
     source = open_source(str(path), config=str(tiny_sd1_dir))
-    assert_same_tensors(source.load_unet(), saved_weights(tiny_sd1_dir, "unet"))
+    assert_same_tensors(source.load("unet"), saved_weights(tiny_sd1_dir, "unet"))
     with pytest.raises(SourceError, match=r"no vae weights \(first_stage_model\.\*\)"):
-        source.load_vae()
+        source.load("vae")
     source.check_weights("unet")
     with pytest.raises(SourceError, match=r"no vae weights \(first_stage_model\.\*\)"):
         source.check_weights("vae")  # from the header, before any tensor is read
@@ -307,7 +307,7 @@ def test_single_file_truncated(tiny_sd1_dir: Path, tiny_sd1_single_file: Path, t
     path = tmp_path / "truncated.safetensors"
     save_file(tensors, path)
     with pytest.raises(SourceError, match=r"1 tensors missing, .*conv_out.weight.*--config") as info:
-        open_source(str(path), config=str(tiny_sd1_dir)).load_unet()
+        open_source(str(path), config=str(tiny_sd1_dir)).load("unet")
     assert "\n" not in str(info.value)
 
 
@@ -330,14 +330,14 @@ def test_hub_repo_from_the_cache(offline_hub: Path, tiny_sd2_dir: Path) -> None:
         assert (source.kind, source.id, source.revision) == ("hub", "tiny/sd2", COMMIT)
         assert (source.family, source.prediction_type) == ("sd2", "v_prediction")
     assert source.tokenizer_files()[2] == "!"
-    assert_same_tensors(source.load_vae(), saved_weights(tiny_sd2_dir, "vae"))
+    assert_same_tensors(source.load("vae"), saved_weights(tiny_sd2_dir, "vae"))
 
 
 def test_hub_config_for_a_single_file(offline_hub: Path, tiny_sd1_dir, tiny_sd1_single_file: Path) -> None:
     cache_repo(offline_hub, "stable-diffusion-v1-5/stable-diffusion-v1-5", tiny_sd1_dir)
     source = open_source(str(tiny_sd1_single_file))  # the config repo diffusers infers
     assert source.kind == "single-file" and source.family == "sd1"
-    assert_same_tensors(source.load_unet(), saved_weights(tiny_sd1_dir, "unet"))
+    assert_same_tensors(source.load("unet"), saved_weights(tiny_sd1_dir, "unet"))
     other = open_source(str(tiny_sd1_single_file), config="stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert other.fingerprint("unet") == source.fingerprint("unet")
 
@@ -346,7 +346,7 @@ def test_hub_repo_missing_weights(offline_hub: Path, tiny_sd1_dir: Path) -> None
     snapshot = cache_repo(offline_hub, "tiny/sd1", tiny_sd1_dir)
     (snapshot / WEIGHT_FILES["unet"]).unlink()
     with pytest.raises(SourceError, match=r"hub repo tiny/sd1 has no unet weights.*--allow-pickle"):
-        open_source("tiny/sd1").load_unet()
+        open_source("tiny/sd1").load("unet")
 
 
 @pytest.mark.parametrize(
@@ -429,10 +429,9 @@ def test_missing_component_fails_when_requested(tiny_sd1_dir: Path, tmp_path: Pa
     folder = copy_pipeline(tiny_sd1_dir, tmp_path / "pipe")
     shutil.rmtree(folder / missing)
     source = open_source(str(folder))
-    source.load_unet()  # the rest still loads
-    request = {"vae": "load_vae", "text_encoder": "load_text_encoder", "tokenizer": "tokenizer_files"}[missing]
+    source.load("unet")  # the rest still loads
     with pytest.raises(SourceError, match=f"has no {missing}"):
-        getattr(source, request)()
+        source.tokenizer_files() if missing == "tokenizer" else source.load(missing)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coreml_sd.convert.tiny import tiny_text_encoder, tiny_unet, tiny_vae
+from coreml_sd.testing.tiny_pipelines import tiny_text_encoder, tiny_unet, tiny_vae
 from coreml_sd.models import AttentionImpl, load_text_encoder, load_unet, load_vae_decoder, load_vae_encoder
 
 FAMILIES = ("sd1", "sd2")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from coreml_sd.convert.clip_vocab import find_clip_bpe, write_clip_vocab
+from coreml_sd.testing.clip_vocab import find_clip_bpe, write_clip_vocab
 
 # open_clip_torch is not in the `dev` extra: its own dependencies (torchvision, timm) break beside
 # the pinned torch, so ./dev installs it alone, without them.

@@ -129,7 +129,8 @@ def test_batch_files_are_numbered(tmp_path):
 
 
 def test_verification_cache_still_catches_changes(tmp_path, monkeypatch):
-    from coreml_sd.runtime.bundle import BundleError, hash_tree, verify_cached
+    from coreml_sd.contract import hash_tree
+    from coreml_sd.runtime.bundle import BundleError, verify_cached
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     (tmp_path / "b").mkdir()

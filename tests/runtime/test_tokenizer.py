@@ -1,7 +1,7 @@
 """The runtime CLIP tokenizer must give the ids of transformers' CLIPTokenizer (diffusers' choice).
 
 The reference is ``transformers.CLIPTokenizer`` loaded from the same two files; the vocabulary
-files themselves are built by ``coreml_sd.convert.clip_vocab`` and checked against facts known
+files themselves are built by ``coreml_sd.testing.clip_vocab`` and checked against facts known
 from the Hugging Face CLIP repositories.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from coreml_sd.convert import clip_vocab
+from coreml_sd.testing import clip_vocab
 from coreml_sd.runtime import tokenizer as rt
 from coreml_sd.runtime.tokenizer import CLIPTokenizer, Tokens, normalize_text, split_words
 

@@ -236,7 +236,7 @@ def test_describing_a_package_prints_nothing(mixed_package):
 def test_only_the_known_import_noise_is_dropped(message, noise):
     import logging
 
-    from coreml_sd.runtime.backends import _not_import_noise
+    from coreml_sd.system import _not_import_noise
 
     record = logging.LogRecord("coremltools", logging.WARNING, __file__, 0, message, None, None)
     assert _not_import_noise(record) is not noise

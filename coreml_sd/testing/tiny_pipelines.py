@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from coreml_sd.convert.clip_vocab import BOS_TOKEN, EOS_TOKEN, write_clip_vocab
+from ..contract import SD15_SCHEDULER_CONFIG
+from ..families import FAMILIES as _FAMILIES
+from .clip_vocab import BOS_TOKEN, EOS_TOKEN, write_clip_vocab
 
 __all__ = [
     "FAMILIES",
@@ -47,9 +49,8 @@ __all__ = [
     "write_pipeline",
 ]
 
-FAMILIES = ("sd1", "sd2")
-# SD 1.x pads prompts with the end token; SD 2.x (OpenCLIP) with "!" (id 0).
-PAD_TOKENS = {"sd1": EOS_TOKEN, "sd2": "!"}
+FAMILIES = tuple(_FAMILIES)
+PAD_TOKENS = {name: family.pad_token for name, family in _FAMILIES.items()}
 BOS_ID, EOS_ID = 49406, 49407
 PAD_IDS = {"sd1": EOS_ID, "sd2": 0}
 
@@ -57,35 +58,15 @@ PAD_IDS = {"sd1": EOS_ID, "sd2": 0}
 NORM_SCALE_STD = 0.1  # norm weights: 1 + N(0, 0.1), so no norm is the identity
 BIAS_STD = 0.05
 
-# What each family's published scheduler_config.json holds, verbatim (keys absent there stay
-# absent here: readers must apply diffusers' defaults, e.g. SD 1.5 has no prediction_type).
+# What each family's published scheduler_config.json holds (keys absent there stay absent here:
+# readers must apply diffusers' defaults, e.g. SD 1.5 has no prediction_type).
 _SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
-    "sd1": {  # runwayml / stable-diffusion-v1-5
-        "_class_name": "PNDMScheduler",
-        "_diffusers_version": "0.6.0",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "trained_betas": None,
-        "clip_sample": False,
-    },
-    "sd2": {  # stabilityai / stable-diffusion-2-1
+    "sd1": {**SD15_SCHEDULER_CONFIG, "_diffusers_version": "0.6.0"},  # runwayml / stable-diffusion-v1-5
+    "sd2": {  # stabilityai / stable-diffusion-2-1: SD 1.5's schedule, DDIM, v-prediction
+        **SD15_SCHEDULER_CONFIG,
         "_class_name": "DDIMScheduler",
         "_diffusers_version": "0.8.0",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "clip_sample": False,
-        "num_train_timesteps": 1000,
         "prediction_type": "v_prediction",
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "trained_betas": None,
     },
 }
 

@@ -23,6 +23,8 @@ import importlib.metadata
 import json
 from pathlib import Path
 
+from ..runtime.tokenizer import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, byte_symbols
+
 __all__ = [
     "BOS_TOKEN",
     "EOS_TOKEN",
@@ -37,9 +39,6 @@ __all__ = [
 ]
 
 BPE_RESOURCE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
-END_OF_WORD = "</w>"
 NUM_MERGES = 49152 - 256 - 2  # 48894: CLIP's fixed vocabulary budget, see module docstring
 VOCAB_SIZE = 2 * 256 + NUM_MERGES + 2  # 49408
 # Hugging Face's BPE readers skip a first line starting with "#version"; the CLIP repositories
@@ -67,26 +66,6 @@ def find_clip_bpe() -> Path:
         "(or is incomplete). Install it without its heavy dependencies: "
         "pip install --no-deps open_clip_torch==3.3.0"
     )
-
-
-def byte_symbols() -> dict[int, str]:
-    """Map each byte value 0..255 to its one-character symbol; iteration order is vocabulary order.
-
-    Byte-level BPE needs every byte to be a visible, non-whitespace character so that merges can
-    be written as text. Bytes that already print as such a Latin-1 character stand for
-    themselves; the remaining 68 bytes (controls, space, NBSP, soft hyphen, ...) are given the
-    code points 256, 257, ... in increasing byte order. The vocabulary lists the self-mapped
-    bytes first, then the shifted ones, which is the order of the returned dict.
-    """
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    shifted = sorted(set(range(256)) - set(printable))
-    symbols = {b: chr(b) for b in printable}
-    symbols.update({b: chr(256 + n) for n, b in enumerate(shifted)})
-    return symbols
 
 
 def read_merges(bpe_path: str | Path, count: int = NUM_MERGES) -> list[tuple[str, str]]:

@@ -2,7 +2,8 @@
 
 Builds a tiny SD 1.x-style model (random weights), converts it to a Core ML bundle and generates
 an image from it: with Core ML on a Mac, through the mil backend elsewhere. A second run reuses
-the model and the converted components.
+the model and the converted components. It uses both stages, so it lives beside them, not in
+either.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from ..runtime.backends import BACKENDS
-from ..runtime.schedulers import SCHEDULER_NAMES
+from .runtime.backends import BACKENDS
+from .runtime.schedulers import SCHEDULER_NAMES
 
 
 @click.command()
@@ -25,19 +26,19 @@ from ..runtime.schedulers import SCHEDULER_NAMES
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 def demo(root: Path, prompt: str, seed: int, steps: int, scheduler: str, backend: str) -> None:
     """Build a tiny model, convert it to Core ML, and generate an image with it."""
-    from .cli import require_convert_extra
+    from .convert.cli import require_convert_extra
 
     require_convert_extra("demo")
-    from ..runtime.backends import BackendError
-    from ..runtime.bundle import BundleError
-    from ..runtime.cli import denoise_with_progress
-    from ..runtime.image import save_png
-    from ..runtime.pipeline import GenerationError, Pipeline
-    from .bundle import OutputError
-    from .converter import ConvertError, ConvertOptions, Progress, convert
-    from .export import CompileError
-    from .source import SourceError, open_source
-    from .tiny import build_tiny_pipeline
+    from .convert.bundle import OutputError
+    from .convert.converter import ConvertError, ConvertOptions, Progress, convert
+    from .convert.export import CompileError
+    from .convert.source import SourceError, open_source
+    from .runtime.backends import BackendError
+    from .runtime.bundle import BundleError
+    from .runtime.cli import denoise_with_progress
+    from .runtime.image import save_png
+    from .runtime.pipeline import GenerationError, Pipeline
+    from .testing.tiny_pipelines import build_tiny_pipeline
 
     def say(line: str) -> None:
         click.echo(line, err=True)

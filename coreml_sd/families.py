@@ -1,0 +1,197 @@
+"""Model families, each described once: what its bundle holds and how the parts talk.
+
+A family names its components (with each model's inputs and outputs as functions of the sizes
+converted for), the models every text-to-image run needs, how a prompt becomes the UNet's
+conditioning, and its latent constants. ``convert`` builds and declares models from it, the
+runtime feeds them from it, ``bench`` checks bundles against it. The torch modules that implement
+a component live in ``models/``; the mapping from component to module in ``convert/components.py``.
+
+Model names, input and output names and shapes are those Apple's Swift ``StableDiffusion``
+package feeds and reads (``swift/StableDiffusion/pipeline/TextEncoder.swift``, ``Unet.swift``,
+``Decoder.swift``, ``Encoder.swift``), so a bundle loads in apps built on it. Every input and
+output is declared float32 by choice: Swift feeds and reads Float32 either way and Core ML
+converts, while Apple's own converter declares the UNet's and VAE's inputs float16. A float32
+``timestep`` keeps the UNet near 64 dB PSNR against its torch source at t=981, where a float16 one
+measures about 51 dB. The programs cast inputs to float16 as their first ops, so the Neural
+Engine still computes in float16.
+
+Adding a family: one ``Family`` here, its torch modules in ``models/``, its builders in
+``convert/components.py``, and its parity tests.
+
+This module imports neither torch nor coremltools.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Pad tokens of the two CLIP tokenizers SD uses: OpenAI CLIP pads with the end token, OpenCLIP
+# (SD 2.x, SDXL's second encoder) with "!" (id 0), as diffusers' tokenizer configs say.
+END_OF_TEXT = "<|endoftext|>"
+OPEN_CLIP_PAD = "!"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as the Core ML model declares it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"  # "float16" | "float32": what the model declares, whatever it computes in
+    description: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The sizes a bundle's models are converted for."""
+
+    height: int  # image pixels
+    width: int
+    unet_batch: int  # 2: both guidance branches in one call; 1: one call per branch
+    text_dim: int  # the UNet's cross-attention width (768 SD 1.x, 1024 SD 2.x)
+    max_length: int = 77  # tokens per prompt
+    vae_scale: int = 8  # image side / latent side
+    latent_channels: int = 4
+
+    @property
+    def latent(self) -> tuple[int, int]:
+        return self.height // self.vae_scale, self.width // self.vae_scale
+
+
+IO = tuple[list[TensorSpec], list[TensorSpec]]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One model of a bundle."""
+
+    name: str  # the bundle's model name (Apple's resource name), e.g. "Unet"
+    cli_name: str  # as ``--components`` spells it, e.g. "unet"
+    source_part: str  # the diffusers subfolder its weights come from: text_encoder, unet, vae
+    description: str
+    io: Callable[[Geometry], IO]  # (inputs, outputs)
+    # Inputs whose element-wise features stay float32 inside a float16 program (see
+    # ``convert/export.float32_features_of``).
+    float32_features: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TextEncoderUse:
+    """One text encoder of the conditioning: which model, which output, how prompts are padded."""
+
+    model: str  # bundle model name
+    hidden: str  # the output whose hidden states condition the UNet, (1, 77, C)
+    pad_token: str  # the family's default; a bundle's tokenizer files may name another
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How a prompt becomes the UNet's conditioning: each encoder's ``hidden`` output, joined
+    along channels in this order and laid out (B, C, 1, 77), is ``encoder_hidden_states``."""
+
+    encoders: tuple[TextEncoderUse, ...]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # as the manifest records it
+    label: str  # for messages
+    components: tuple[ComponentSpec, ...]  # in conversion order
+    required: tuple[str, ...]  # the models every text-to-image run needs
+    conditioning: Conditioning
+    default_size: tuple[int, int]  # (height, width) pixels, where the UNet's config gives none
+    vae_scale: int = 8  # image side / latent side
+    latent_channels: int = 4
+    vae_scaling_factor: float = 0.18215  # diffusers' default, for a pipeline without a VAE config
+
+    @property
+    def pad_token(self) -> str:
+        return self.conditioning.encoders[0].pad_token
+
+    def component(self, cli_name: str) -> ComponentSpec:
+        return next(c for c in self.components if c.cli_name == cli_name)
+
+
+# ------------------------------------------------------------------ SD 1.x and 2.x
+
+
+def _text_encoder_io(g: Geometry) -> IO:
+    return (
+        [TensorSpec("input_ids", (1, g.max_length), description="Token ids (float), start token first, padded")],
+        [
+            TensorSpec("last_hidden_state", (1, g.max_length, g.text_dim), description="Text embeddings after the final LayerNorm"),
+            TensorSpec("pooled_outputs", (1, g.text_dim), description="Embedding at the end-of-text token"),
+        ],
+    )
+
+
+def _unet_io(g: Geometry) -> IO:
+    h, w = g.latent
+    b, c = g.unet_batch, g.latent_channels
+    return (
+        [
+            TensorSpec("sample", (b, c, h, w), description="Latents, scaled for this timestep by the scheduler"),
+            TensorSpec("timestep", (b,), description="Diffusion timestep per batch item"),
+            TensorSpec("encoder_hidden_states", (b, g.text_dim, 1, g.max_length), description="Text embeddings, (B, C, 1, S)"),
+        ],
+        [TensorSpec("noise_pred", (b, c, h, w), description="Model prediction (noise or v, per the manifest)")],
+    )
+
+
+def _vae_decoder_io(g: Geometry) -> IO:
+    h, w = g.latent
+    return (
+        [TensorSpec("z", (1, g.latent_channels, h, w), description="Latents divided by the VAE scaling factor")],
+        [TensorSpec("image", (1, 3, g.height, g.width), description="RGB image in [-1, 1] (unclamped)")],
+    )
+
+
+def _vae_encoder_io(g: Geometry) -> IO:
+    h, w = g.latent
+    return (
+        [TensorSpec("x", (1, 3, g.height, g.width), description="RGB image in [-1, 1]")],
+        [TensorSpec("latent", (1, 2 * g.latent_channels, h, w),
+                    description="Latent mean (first half of the channels) and log-variance (second half), unscaled")],
+    )
+
+
+SD_COMPONENTS = (
+    ComponentSpec("TextEncoder", "text-encoder", "text_encoder", "CLIP text encoder", _text_encoder_io),
+    ComponentSpec("Unet", "unet", "unet", "Denoising UNet", _unet_io, float32_features=("timestep",)),
+    ComponentSpec("VAEDecoder", "vae-decoder", "vae", "VAE decoder: latents to image", _vae_decoder_io),
+    ComponentSpec("VAEEncoder", "vae-encoder", "vae", "VAE encoder: image to latent moments", _vae_encoder_io),
+)
+_SD_REQUIRED = ("TextEncoder", "Unet", "VAEDecoder")
+
+SD1 = Family(
+    name="sd1",
+    label="Stable Diffusion 1.x",
+    components=SD_COMPONENTS,
+    required=_SD_REQUIRED,
+    conditioning=Conditioning((TextEncoderUse("TextEncoder", "last_hidden_state", END_OF_TEXT),)),
+    default_size=(512, 512),
+)
+# SD 2.x conditions on OpenCLIP's penultimate layer; its published text encoder config already
+# stops there (num_hidden_layers 23 of 24), so the converted model's last_hidden_state is it.
+SD2 = Family(
+    name="sd2",
+    label="Stable Diffusion 2.x",
+    components=SD_COMPONENTS,
+    required=_SD_REQUIRED,
+    conditioning=Conditioning((TextEncoderUse("TextEncoder", "last_hidden_state", OPEN_CLIP_PAD),)),
+    default_size=(768, 768),
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2)}
+# Every component any family has, by its --components name, in conversion order.
+COMPONENTS: dict[str, ComponentSpec] = {c.cli_name: c for f in FAMILIES.values() for c in f.components}
+
+
+def family(name: str) -> Family:
+    """The family named ``name``; ``KeyError`` for an unknown one."""
+    return FAMILIES[name]
