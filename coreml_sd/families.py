@@ -7,8 +7,11 @@ runtime feeds them from it, ``bench`` checks bundles against it. The torch modul
 a component live in ``models/``; the mapping from component to module in ``convert/components.py``.
 
 Model names, input and output names and shapes are those Apple's Swift ``StableDiffusion``
-package feeds and reads (``swift/StableDiffusion/pipeline/TextEncoder.swift``, ``Unet.swift``,
-``Decoder.swift``, ``Encoder.swift``), so a bundle loads in apps built on it. Every input and
+package feeds and reads, so a bundle loads in apps built on it (apple/ml-stable-diffusion at
+e12202c, ``swift/StableDiffusion/pipeline/``): ``TextEncoder.swift`` lines 75-89 feed
+``input_ids`` as Float32 and read ``last_hidden_state``; ``Unet.swift`` lines 106-111 feed
+``sample``, ``timestep`` and ``encoder_hidden_states``; ``Decoder.swift`` and ``Encoder.swift``
+feed their model's one input and read its first output. Every input and
 output is declared float32 by choice: Swift feeds and reads Float32 either way and Core ML
 converts, while Apple's own converter declares the UNet's and VAE's inputs float16. A float32
 ``timestep`` keeps the UNet near 64 dB PSNR against its torch source at t=981, where a float16 one

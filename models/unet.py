@@ -41,7 +41,6 @@ class UNetConfig:
 
     in_channels: int
     out_channels: int
-    sample_size: int
     block_out_channels: tuple[int, ...]
     layers_per_block: int
     down_block_types: tuple[str, ...]
@@ -50,7 +49,6 @@ class UNetConfig:
     num_heads: tuple[int, ...]  # per down block (diffusers' historical `attention_head_dim`)
     transformer_layers: tuple[int, ...]  # per down block
     use_linear_projection: bool
-    upcast_attention: bool
     norm_num_groups: int
     norm_eps: float
     flip_sin_to_cos: bool
@@ -110,7 +108,6 @@ class UNetConfig:
         return cls(
             in_channels=cfg["in_channels"],
             out_channels=cfg["out_channels"],
-            sample_size=cfg["sample_size"],
             block_out_channels=tuple(cfg["block_out_channels"]),
             layers_per_block=cfg["layers_per_block"],
             down_block_types=down,
@@ -119,7 +116,6 @@ class UNetConfig:
             num_heads=_per_block(heads, n, "attention heads"),
             transformer_layers=_per_block(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"),
             use_linear_projection=bool(cfg.get("use_linear_projection", False)),
-            upcast_attention=bool(cfg.get("upcast_attention", False)),
             norm_num_groups=cfg.get("norm_num_groups", 32),
             norm_eps=cfg.get("norm_eps", 1e-5),
             flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),

@@ -33,8 +33,6 @@ class VAEConfig:
     block_out_channels: tuple[int, ...]
     layers_per_block: int
     norm_num_groups: int
-    scaling_factor: float
-    sample_size: int
 
     @classmethod
     def from_diffusers(cls, cfg: dict[str, Any]) -> VAEConfig:
@@ -63,8 +61,6 @@ class VAEConfig:
             block_out_channels=tuple(cfg["block_out_channels"]),
             layers_per_block=cfg["layers_per_block"],
             norm_num_groups=cfg["norm_num_groups"],
-            scaling_factor=cfg.get("scaling_factor", 0.18215),
-            sample_size=cfg["sample_size"],
         )
 
 

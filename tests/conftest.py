@@ -31,6 +31,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason=f"{marker}: enable with {flag}"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_caches(tmp_path_factory: pytest.TempPathFactory):
+    """The suite writes nothing outside temporary folders: caches that tools keep under the
+    user's home (the runtime's sha256 cache under XDG_CACHE_HOME, matplotlib's) go to this
+    session's temporary folder, for the tests' own processes and the CLIs they start."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
+    patch.setenv("MPLCONFIGDIR", str(tmp_path_factory.mktemp("matplotlib")))
+    yield
+    patch.undo()
+
+
 # ---------------------------------------------------------------------------- tiny models
 #
 # Tiny pipelines and bundles are built once per test session and shared by every xdist worker:

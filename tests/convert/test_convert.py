@@ -32,8 +32,8 @@ DTYPE = {ft.ArrayFeatureType.FLOAT16: "float16", ft.ArrayFeatureType.FLOAT32: "f
 def contract(family: str, batch: int = 2) -> dict[str, tuple[dict, dict]]:
     """What each package must declare: {model: ({input: (shape, dtype)}, {output: (shape, dtype)})}.
 
-    Every dtype is float32, as Apple's converter declares them (its Swift package hands Core ML
-    float32 arrays); the programs cast to float16 inside."""
+    Every dtype is float32 by choice (Apple's Swift package hands Core ML float32 arrays; Apple's
+    converter declares the UNet's and VAE's inputs float16); the programs cast to float16 inside."""
     c = TEXT_DIM[family]
     return {
         "TextEncoder": (
