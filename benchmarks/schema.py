@@ -1,240 +1,196 @@
 """The benchmark record: what ``coreml-sd bench`` writes and ``coreml-sd report`` reads.
 
-One JSON object per run of bench, documented field by field in benchmarks/README.md. Version 2
-is written; version 1 records (the first ones committed) are still read. ``validate`` checks a
-parsed record against the spec of its version and returns the problems (path and what is
-wrong); ``load_record`` raises ``RecordError`` naming the file.
+One JSON object per run of bench, documented field by field in benchmarks/README.md and declared
+below as TypedDicts: ``Record`` (version 2, written now) and ``RecordV1`` (the first records, still
+read). ``validate`` checks a parsed record against the declaration of its version and returns the
+problems (path and what is wrong); ``load_record`` raises ``RecordError`` naming the file.
 
-A spec is a small nested value: a type or tuple of types (``opt(str)`` is "string or null"), a
-dict (an object with exactly those required keys; extra keys are allowed and ignored), ``Each``
-(an object with arbitrary keys), ``ListOf`` (a list, with an optional length), or ``ByStatus``
-(a result object whose spec depends on its ``status``).
+Every declared key is required; a record may carry more (readers ignore what they do not know).
+In JSON terms ``float`` is any number and ``tuple[int, int]`` a list of exactly two integers.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import types
+from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, TypedDict, Union, get_args, get_origin, get_type_hints, is_typeddict
 
 SCHEMA_VERSION = 2  # what bench writes; SCHEMAS (below) holds every version read
-
-NUM = (int, float)
-NONE = type(None)
-
-
-def opt(t):
-    """``t`` or null."""
-    return (t, NONE) if isinstance(t, type) else (*t, NONE) if isinstance(t, tuple) else Nullable(t)
-
-
-@dataclass(frozen=True)
-class Nullable:
-    """A structured spec (object, list) that may also be null."""
-
-    spec: Any
-
-
-@dataclass(frozen=True)
-class Each:
-    """A dict with arbitrary keys whose values all follow ``spec``."""
-
-    spec: Any
-
-
-@dataclass(frozen=True)
-class ListOf:
-    """A list of items following ``spec``: exactly ``length`` items if given, else at least ``min_length``."""
-
-    spec: Any
-    length: int | None = None
-    min_length: int = 0
-
-
-@dataclass(frozen=True)
-class ByStatus:
-    """An object whose ``status`` names the spec it follows."""
-
-    specs: dict[str, Any]
-
+NON_EMPTY = "non-empty"  # Annotated[list[X], NON_EMPTY]: a list of at least one X
 
 # ------------------------------------------------------------------ version 2 (written now)
+# Each object as it looks in JSON. Those that differ between the versions are classes built on
+# what both versions share (Machine, _ResultOkCommon, _RecordCommon), so the difference shows.
 
-STATS = {"median": NUM, "iqr": NUM, "count": int}
-RUN = {"end_to_end_s": NUM, "text_encoder_s": NUM, "denoise_s": NUM, "vae_decoder_s": NUM}
-ENERGY = {
-    "cpu_j_per_step": opt(NUM),  # null: powermetrics printed no such line (e.g. no ANE line)
-    "gpu_j_per_step": opt(NUM),
-    "ane_j_per_step": opt(NUM),
-    "coverage": NUM,
-    "interval_ms": int,
-    "sampler": str,
-}
-RESULT_FAILED = {"compute_units": str, "backend": str, "status": str, "error": str}
-RESULT_OK = {
-    "compute_units": str,
-    "backend": str,
-    "status": str,
-    "error": NONE,
-    "import_s": NUM,
-    "load_cold_s": NUM,
-    "load_warm_s": NUM,
-    "text_encoder_s": NUM,
-    "unet_ms_per_step": STATS,
-    "host_ms_per_step": STATS,
-    "vae_decoder_s": NUM,
-    "denoise_s": NUM,
-    "end_to_end_s": NUM,
-    "runs": ListOf(RUN, min_length=1),
-    "iterations_per_second": NUM,
-    "peak_rss_bytes": int,
-    "energy": opt(ENERGY),
-    "thermal_pressure": opt(ListOf(str)),
-}
-MACHINE = {
-    "os": str,
-    "os_version": opt(str),
-    "os_build": opt(str),
-    "arch": str,
-    "chip": opt(str),
-    "performance_cores": opt(int),
-    "efficiency_cores": opt(int),
-    "cpu_cores": opt(int),
-    "gpu_cores": opt(int),
-    "memory_bytes": opt(int),
-}
-CONDITIONS = {"power_source": opt(str), "thermal_warning": opt(str)}
-BUNDLE = {
-    "model": str,
-    "layout": str,
-    "family": str,
-    "image_size": ListOf(int, length=2),
-    "attention": opt(str),
-    "unet_batch": int,
-    "components": Each({"precision": opt(str), "compression": opt(str)}),
-    "manifest_sha256": opt(str),
-}
-SETTINGS = {
-    "prompt": str,
-    "negative_prompt": str,
-    "seed": int,
-    "steps": int,
-    "guidance_scale": NUM,
-    "scheduler": str,
-    "runs": int,
-    "warmup": int,
-    "backend": str,
-    "rng": str,
-}
-SCHEMA_V2 = {
-    "schema_version": int,
-    "tool": {"name": str, "version": str},
-    "created_at": str,
-    "machine": MACHINE,
-    "conditions": {"before": CONDITIONS, "after": opt(CONDITIONS)},
-    "software": {"coreml-sd": str, "coremltools": str, "numpy": str, "python": str},
-    "bundle": BUNDLE,
-    "settings": SETTINGS,
-    "interrupted": bool,
-    "results": ListOf(ByStatus({"ok": RESULT_OK, "failed": RESULT_FAILED}), min_length=1),
-}
+Tool = TypedDict("Tool", {"name": str, "version": str})
+Software = TypedDict("Software", {"coreml-sd": str, "coremltools": str, "numpy": str, "python": str})
+Machine = TypedDict("Machine", {
+    "os": str, "os_version": str | None, "os_build": str | None, "arch": str,
+    "chip": str | None, "performance_cores": int | None, "efficiency_cores": int | None, "cpu_cores": int | None,
+    "gpu_cores": int | None, "memory_bytes": int | None})
+MachineConditions = TypedDict("MachineConditions", {"power_source": str | None, "thermal_warning": str | None})
+Conditions = TypedDict("Conditions", {"before": MachineConditions, "after": MachineConditions | None})
+Component = TypedDict("Component", {"precision": str | None, "compression": str | None})
+Bundle = TypedDict("Bundle", {
+    "model": str, "layout": str, "family": str, "image_size": tuple[int, int], "attention": str | None, "unet_batch": int,
+    "components": dict[str, Component], "manifest_sha256": str | None})
+Settings = TypedDict("Settings", {
+    "prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance_scale": float, "scheduler": str, "rng": str,
+    "runs": int, "warmup": int, "backend": str})
+Stats = TypedDict("Stats", {"median": float, "iqr": float, "count": int})
+Run = TypedDict("Run", {"end_to_end_s": float, "text_encoder_s": float, "denoise_s": float, "vae_decoder_s": float})
+Energy = TypedDict("Energy", {
+    # each null where powermetrics printed no such line (e.g. no ANE line)
+    "cpu_j_per_step": float | None, "gpu_j_per_step": float | None, "ane_j_per_step": float | None,
+    "coverage": float, "interval_ms": int, "sampler": str})
+ResultFailed = TypedDict("ResultFailed", {"compute_units": str, "backend": str, "status": Literal["failed"], "error": str})
+_ResultOkCommon = TypedDict("_ResultOkCommon", {
+    "compute_units": str, "backend": str, "status": Literal["ok"], "error": None,
+    "load_cold_s": float, "load_warm_s": float,
+    "text_encoder_s": float, "vae_decoder_s": float, "denoise_s": float, "end_to_end_s": float,
+    "runs": Annotated[list[Run], NON_EMPTY], "unet_ms_per_step": Stats, "host_ms_per_step": Stats,
+    "iterations_per_second": float, "peak_rss_bytes": int})
+_RecordCommon = TypedDict("_RecordCommon", {
+    "tool": Tool, "created_at": str, "software": Software, "bundle": Bundle, "settings": Settings})
+
+
+class ResultOk(_ResultOkCommon):
+    import_s: float
+    energy: Energy | None
+    thermal_pressure: list[str] | None
+
+
+class Record(_RecordCommon):
+    schema_version: Literal[2]
+    machine: Machine
+    conditions: Conditions
+    interrupted: bool
+    results: Annotated[list[ResultOk | ResultFailed], NON_EMPTY]
+
 
 # ------------------------------------------------------------------ version 1 (read only)
 # Differences: power source and thermal state (pmset) inside machine; load_cold_s included
 # importing the backend's modules and there is no import_s; energy had no coverage or interval
 # (and 0.0 where no sample overlapped); no thermal pressure; no interrupted flag.
 
-ENERGY_V1 = {"cpu_j_per_step": NUM, "gpu_j_per_step": NUM, "ane_j_per_step": NUM, "sampler": str}
-RESULT_OK_V1 = {k: v for k, v in RESULT_OK.items() if k not in ("import_s", "thermal_pressure")} | {"energy": opt(ENERGY_V1)}
-SCHEMA_V1 = {
-    **{k: v for k, v in SCHEMA_V2.items() if k not in ("conditions", "interrupted")},
-    "machine": MACHINE | {"power_source": opt(str), "thermal_state": opt(str)},
-    "results": ListOf(ByStatus({"ok": RESULT_OK_V1, "failed": RESULT_FAILED}), min_length=1),
-}
-
-SCHEMAS = {1: SCHEMA_V1, 2: SCHEMA_V2}
+EnergyV1 = TypedDict("EnergyV1", {"cpu_j_per_step": float, "gpu_j_per_step": float, "ane_j_per_step": float, "sampler": str})
 
 
-class RecordError(Exception):
-    """An unreadable or invalid record (one-line message naming the file and the field)."""
+class MachineV1(Machine):
+    power_source: str | None
+    thermal_state: str | None
+
+
+class ResultOkV1(_ResultOkCommon):
+    energy: EnergyV1 | None
+
+
+class RecordV1(_RecordCommon):
+    schema_version: Literal[1]
+    machine: MachineV1
+    results: Annotated[list[ResultOkV1 | ResultFailed], NON_EMPTY]
+
+
+SCHEMAS = {1: RecordV1, 2: Record}
+
+# ------------------------------------------------------------------ checking a JSON value against a declaration
+
+NoneType = type(None)
+NAMES = {dict: "an object", list: "a list", int: "integer", float: "number", str: "string", bool: "boolean", NoneType: "null"}
+
+
+def _json_type(tp: Any) -> type:
+    """The JSON kind of value a declared type stands for (dict for a TypedDict, list for a tuple...)."""
+    base = dict if is_typeddict(tp) else get_origin(tp) or tp
+    return list if base is tuple else base
+
+
+def _is(value: Any, json_type: type) -> bool:
+    if isinstance(value, bool):  # JSON true is not a number here
+        return json_type is bool
+    return isinstance(value, (int, float) if json_type is float else json_type)
+
+
+def _kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _one_of(value: Any, literals: tuple) -> bool:
+    return any(type(value) is type(a) and value == a for a in literals)  # so that true is not 1
 
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _check(value: Any, spec: Any, path: str, problems: list[str]) -> None:
-    if isinstance(spec, Nullable):
-        if value is not None:
-            _check(value, spec.spec, path, problems)
-    elif isinstance(spec, dict):
-        if not isinstance(value, dict):
-            problems.append(f"{path or 'record'}: expected an object, got {_kind(value)}")
-            return
-        for key, sub in spec.items():
-            if key not in value:
-                problems.append(f"{_join(path, key)}: missing")
-            else:
-                _check(value[key], sub, _join(path, key), problems)
-    elif isinstance(spec, Each):
-        if not isinstance(value, dict):
-            problems.append(f"{path}: expected an object, got {_kind(value)}")
-            return
+def _check(value: Any, tp: Any, path: str) -> list[str]:
+    """What is wrong with the JSON ``value`` as a ``tp``: one "path: problem" each."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        empty = NON_EMPTY in args[1:] and value == []
+        return _check(value, args[0], path) + ([f"{path}: expected at least 1 item(s), got 0"] if empty else [])
+    if origin in (Union, types.UnionType):
+        return _check_union(value, args, path)
+    if origin is Literal:
+        return [] if _one_of(value, args) else [f"{path}: expected {' or '.join(map(repr, args))}, got {value!r}"]
+    if not _is(value, _json_type(tp)):
+        return [f"{path or 'record'}: expected {NAMES[_json_type(tp)]}, got {_kind(value)}"]
+    problems: list[str] = []
+    if is_typeddict(tp):
+        for key, sub in get_type_hints(tp, include_extras=True).items():
+            problems += _check(value[key], sub, _join(path, key)) if key in value else [f"{_join(path, key)}: missing"]
+    elif origin is dict:
         for key, item in value.items():
-            _check(item, spec.spec, _join(path, key), problems)
-    elif isinstance(spec, ListOf):
-        if not isinstance(value, list):
-            problems.append(f"{path}: expected a list, got {_kind(value)}")
-            return
-        if spec.length is not None and len(value) != spec.length:
-            problems.append(f"{path}: expected {spec.length} items, got {len(value)}")
-        elif len(value) < spec.min_length:
-            problems.append(f"{path}: expected at least {spec.min_length} item(s), got {len(value)}")
-        for i, item in enumerate(value):
-            _check(item, spec.spec, f"{path}[{i}]", problems)
-    elif isinstance(spec, ByStatus):
-        status = value.get("status") if isinstance(value, dict) else None
-        if status not in spec.specs:
-            problems.append(f"{path}.status: expected {' or '.join(map(repr, spec.specs))}, got {status!r}")
-            return
-        _check(value, spec.specs[status], path, problems)
-    else:
-        types = spec if isinstance(spec, tuple) else (spec,)
-        if isinstance(value, bool) and bool not in types:  # JSON true is not a number here
-            problems.append(f"{path}: expected {_names(types)}, got {value!r}")
-        elif not isinstance(value, types):
-            problems.append(f"{path}: expected {_names(types)}, got {_kind(value)}")
+            problems += _check(item, args[1], _join(path, key))
+    elif origin in (list, tuple):
+        if origin is tuple and len(value) != len(args):
+            problems.append(f"{path}: expected {len(args)} items, got {len(value)}")
+        for i, (item, sub) in enumerate(zip(value, args if origin is tuple else repeat(args[0]))):
+            problems += _check(item, sub, f"{path}[{i}]")
+    return problems
 
 
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", NONE: "null"}.get(
-        type(value), "a number" if isinstance(value, NUM) else type(value).__name__)
+def _check_union(value: Any, options: tuple, path: str) -> list[str]:
+    """``X | None``, or TypedDicts told apart by a Literal field (a result's ``status``)."""
+    if all(is_typeddict(option) for option in options):
+        hints = [get_type_hints(option) for option in options]
+        tag = next(key for key in hints[0] if all(get_origin(h.get(key)) is Literal for h in hints))
+        got = value.get(tag) if isinstance(value, dict) else None
+        chosen = [option for option, h in zip(options, hints) if _one_of(got, get_args(h[tag]))]
+        if chosen:
+            return _check(value, chosen[0], path)
+        expected = " or ".join(repr(literal) for h in hints for literal in get_args(h[tag]))
+        return [f"{_join(path, tag)}: expected {expected}, got {got!r}"]
+    fitting = [option for option in options if _is(value, _json_type(option))]
+    if fitting:
+        return _check(value, fitting[0], path)
+    return [f"{path}: expected {' or '.join(NAMES[_json_type(option)] for option in options)}, got {_kind(value)}"]
 
 
-def _names(types: tuple) -> str:
-    names = {"int": "integer", "float": "number", "str": "string", "bool": "boolean", "dict": "object", "list": "list"}
-    return " or ".join("null" if t is NONE else names.get(t.__name__, t.__name__) for t in types)
+# ------------------------------------------------------------------ reading records
+
+
+class RecordError(Exception):
+    """An unreadable or invalid record (one-line message naming the file and the field)."""
 
 
 def validate(record: Any) -> list[str]:
-    """Problems of a parsed record (empty when valid), against the spec of its schema_version."""
+    """Problems of a parsed record (empty when valid), against the declaration of its schema_version."""
     if not isinstance(record, dict):
         return [f"record: expected a JSON object, got {_kind(record)}"]
     version = record.get("schema_version")
     if type(version) is not int or version not in SCHEMAS:
         readable = ", ".join(map(str, SCHEMAS))
         return [f"schema_version: {version!r}, this coreml-sd reads {readable}"]
-    problems: list[str] = []
-    _check(record, SCHEMAS[version], "", problems)
-    return problems
+    return _check(record, SCHEMAS[version], "")
 
 
 def validate_result(result: Any) -> list[str]:
     """Problems of one entry of a version-2 record's ``results`` (empty when valid)."""
-    problems: list[str] = []
-    _check(result, SCHEMA_V2["results"].spec, "result", problems)
-    return problems
+    return _check(result, ResultOk | ResultFailed, "result")
 
 
 def load_record(path: str | Path) -> dict[str, Any]:

@@ -271,6 +271,18 @@ def test_version_1_records_are_still_read():
     (lambda r: r["results"][0].update(runs=[]), "results[0].runs: expected at least 1"),
     (lambda r: r["results"][0].update(energy={"cpu_j_per_step": 1.0}), "results[0].energy.coverage: missing"),
     (lambda r: r["settings"].update(steps=True), "settings.steps: expected integer"),
+    # Deep inside, the path names the field exactly.
+    (lambda r: r["results"][0]["unet_ms_per_step"].update(count="6"),
+     "results[0].unet_ms_per_step.count: expected integer, got a string"),
+    (lambda r: r["results"][0]["runs"][1].pop("denoise_s"), "results[0].runs[1].denoise_s: missing"),
+    (lambda r: r["bundle"]["components"]["Unet"].update(precision=16),
+     "bundle.components.Unet.precision: expected string or null, got a number"),
+    (lambda r: r["conditions"].update(after=[]), "conditions.after: expected an object or null, got a list"),
+    # A result's status says which fields it must have.
+    (lambda r: r["results"][0].update(status="maybe"), "results[0].status: expected 'ok' or 'failed', got 'maybe'"),
+    (lambda r: r["results"][0].update(status=["ok"]), "results[0].status: expected 'ok' or 'failed', got ['ok']"),
+    (lambda r: r["results"][0].update(status="failed"), "results[0].error: expected string, got null"),
+    (lambda r: r["results"][0].update(error="boom"), "results[0].error: expected null, got a string"),
 ])
 def test_invalid_records_are_named(record, tmp_path, change, problem):
     data = json.loads(record.read_text())
@@ -280,6 +292,26 @@ def test_invalid_records_are_named(record, tmp_path, change, problem):
     bad.write_text(json.dumps(data))
     with pytest.raises(RecordError, match=r"bad\.json: not a coreml-sd benchmark record"):
         load_record(bad)
+
+
+def test_a_rejected_file_names_the_field(record, tmp_path):
+    data = json.loads(record.read_text())
+    del data["results"][0]["runs"][1]["denoise_s"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(RecordError,
+                       match=r"bad\.json: not a coreml-sd benchmark record: results\[0\]\.runs\[1\]\.denoise_s: missing$"):
+        load_record(bad)
+
+
+def test_unknown_fields_and_nulls_where_allowed_are_accepted(record):
+    """Fields may be added within a schema version; readers ignore them."""
+    data = json.loads(record.read_text())
+    data["new_field"] = {"anything": [1, None]}
+    data["conditions"]["after"] = None
+    data["results"][0].update(energy=None, thermal_pressure=None, new_figure=1.5)
+    data["results"].append({"compute_units": "ALL", "backend": "coreml", "status": "failed", "error": "killed by signal 9"})
+    assert validate(data) == []
 
 
 def test_unreadable_record(tmp_path):
