@@ -39,13 +39,22 @@ from typing import Any
 
 import torch
 
+from .support import (
+    COMPONENTS,
+    CONFIG_FIX,
+    PICKLE_SUFFIXES,
+    SUPPORTED,
+    SourceError,
+    check_in_channels,
+    check_pipeline,
+    check_unet,
+    detect_family,
+    pickle_refused,
+    unsupported,
+)
+
 __all__ = ["COMPONENTS", "Source", "SourceError", "detect_family", "open_source"]
 
-COMPONENTS = ("unet", "vae", "text_encoder")
-SUPPORTED = "coreml-sd converts Stable Diffusion 1.x and 2.x text-to-image checkpoints only"
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-CONFIG_FIX = "pass --config <diffusers folder or hub id>"
 # What a hub repo gives at open time: everything but weights.
 CONFIG_PATTERNS = [
     "model_index.json",
@@ -69,76 +78,12 @@ _LDM_OPEN_CLIP_KEY = "cond_stage_model.model.token_embedding.weight"
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class SourceError(Exception):
-    """A checkpoint that cannot be used; the message is one line naming the problem and the fix."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))  # one line, whatever was interpolated
-
-
 class _HubFailure(SourceError):
     """A failed hub download; ``problem`` is the message without its fix, for wrapping."""
 
     def __init__(self, problem: str, fix: str) -> None:
         super().__init__(f"{problem}: {fix}")
         self.problem = problem
-
-
-def _unsupported(where: str, what: str) -> SourceError:
-    return SourceError(f"{where} is {what}; {SUPPORTED}: pass an SD 1.x or 2.x checkpoint")
-
-
-def _pickle_refused(what: str) -> SourceError:
-    return SourceError(
-        f"{what} is a pickle, and loading a pickle can execute arbitrary code: convert it to"
-        " .safetensors, or pass --allow-pickle if you trust its origin"
-    )
-
-
-# -- family and support checks: pure functions of configs ------------------------------------
-
-
-def detect_family(unet_config: dict[str, Any], text_encoder_config: dict[str, Any] | None = None) -> str:
-    """Return ``"sd1"`` or ``"sd2"`` for a supported pipeline's configs.
-
-    The families differ structurally in the text encoder: SD 1.x uses OpenAI's CLIP ViT-L/14,
-    whose MLP activation is quick-GELU; SD 2.x uses OpenCLIP ViT-H/14 with exact GELU. So the
-    text encoder's ``hidden_act`` decides when it is known. Otherwise the UNet does: SD 2.x
-    cross-attends to 1024-wide embeddings (SD 1.x: 768) and, unlike SD 1.x, projects into its
-    transformer blocks with linear layers. Width alone could not classify the tiny test models
-    (32 and 64 wide); activation and projection type do.
-    """
-    activation = (text_encoder_config or {}).get("hidden_act")
-    if activation in ("gelu", "quick_gelu"):
-        return "sd2" if activation == "gelu" else "sd1"
-    if unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
-        return "sd2"
-    return "sd1"
-
-
-def _check_pipeline(model_index: dict[str, Any], where: str) -> None:
-    """Refuse pipelines other than SD 1.x / 2.x text-to-image, judged from ``model_index.json``."""
-    name = str(model_index.get("_class_name", ""))
-    if "text_encoder_2" in model_index or "XL" in name:
-        raise _unsupported(where, f"a Stable Diffusion XL pipeline ({name})")
-    if "Inpaint" in name:
-        raise _unsupported(where, f"an inpainting pipeline ({name})")
-    if name not in SUPPORTED_PIPELINES:
-        raise _unsupported(where, f"a {name or 'unnamed'} pipeline, not a StableDiffusionPipeline")
-
-
-def _check_unet(config: dict[str, Any], where: str) -> None:
-    """Refuse UNets of other pipelines sharing the SD layout (SDXL, inpainting, pix2pix, ...)."""
-    if config.get("addition_embed_type") == "text_time":
-        raise _unsupported(where, "a Stable Diffusion XL checkpoint (its UNet takes text-time embeddings)")
-    _check_in_channels(config.get("in_channels", 4), where)
-
-
-def _check_in_channels(in_channels: int, where: str) -> None:
-    if in_channels == 9:
-        raise _unsupported(where, "an inpainting checkpoint (its UNet takes 9 input channels)")
-    if in_channels != 4:
-        raise _unsupported(where, f"an image-conditioned checkpoint (its UNet takes {in_channels} channels)")
 
 
 # -- small file helpers -----------------------------------------------------------------------
@@ -334,7 +279,7 @@ class _Folder:
             expected = f"{component}/{_STEMS['safetensors'][component]}.safetensors"
             raise SourceError(f"{self.where} has no {component} weights ({expected}): pass a full pipeline" + hint)
         if fmt == "bin" and not self.allow_pickle:
-            raise _pickle_refused(f"{self.where}: {component}/{_STEMS['bin'][component]}.bin")
+            raise pickle_refused(f"{self.where}: {component}/{_STEMS['bin'][component]}.bin")
         return fmt
 
     def check_weights(self, component: str) -> None:
@@ -595,9 +540,9 @@ def _open_layout(layout: _Folder, kind: str, id: str) -> Source:
         layout.root / "model_index.json",
         f"{layout.where} is not a diffusers pipeline; pass the folder holding model_index.json",
     )
-    _check_pipeline(index, layout.where)
+    check_pipeline(index, layout.where)
     unet = layout.config("unet")
-    _check_unet(unet, layout.where)
+    check_unet(unet, layout.where)
     text_encoder = layout.root / "text_encoder" / "config.json"
     scheduler_path = layout.root / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(scheduler_path, f"{layout.where} has no scheduler; pass a full pipeline")
@@ -642,14 +587,14 @@ def _check_checkpoint(shapes: dict[str, torch.Size], where: str) -> None:
     except Exception:  # a detector branch that needs values, not shapes: not SD 1.x/2.x anyway
         model_type = "unknown"
     if model_type.startswith("inpainting"):
-        raise _unsupported(where, "an inpainting checkpoint")
+        raise unsupported(where, "an inpainting checkpoint")
     if model_type.startswith(("xl", "playground")):
-        raise _unsupported(where, "a Stable Diffusion XL checkpoint")
+        raise unsupported(where, "a Stable Diffusion XL checkpoint")
     if model_type not in ("v1", "v2"):
-        raise _unsupported(where, f"a {model_type} checkpoint")
+        raise unsupported(where, f"a {model_type} checkpoint")
     conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
     if conv_in is not None:
-        _check_in_channels(conv_in[1], where)
+        check_in_channels(conv_in[1], where)
 
 
 def _check_against_config(shapes: dict[str, torch.Size], source: Source) -> None:
@@ -673,7 +618,7 @@ def _check_against_config(shapes: dict[str, torch.Size], source: Source) -> None
 
 def _open_single_file(path: Path, allow_pickle: bool, config: str | None) -> Source:
     if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
-        raise _pickle_refused(str(path))
+        raise pickle_refused(str(path))
     if path.suffix not in (".safetensors", *PICKLE_SUFFIXES):
         raise SourceError(
             f"{path} is not a checkpoint type coreml-sd reads (.safetensors; with --allow-pickle also"
