@@ -296,7 +296,8 @@ class DiffusersFolder:
             ) from None
         # Both libraries load leniently: a tensor the files lack keeps its random initial value,
         # one they have in excess is dropped; either way the result is not the checkpoint.
-        problems = {kind: sorted(map(str, info.get(f"{kind}_keys") or ())) for kind in ("missing", "unexpected", "mismatched")}
+        reported = {"missing": "missing_keys", "unexpected": "unexpected_keys", "mismatched": "mismatched_keys"}
+        problems = {kind: sorted(map(str, info.get(key) or ())) for kind, key in reported.items()}
         if any(problems.values()):
             counts = ", ".join(f"{len(keys)} {kind}" for kind, keys in problems.items() if keys)
             example = next(keys[0] for keys in problems.values() if keys)
