@@ -27,7 +27,8 @@ from ..system import peak_rss_bytes, tool_versions
 from .bundle import BundleWriter, check_output, recipe_hash
 from .components import BUILDERS, build_module, source_config
 from .export import can_compile, compile_package, to_coreml, trace
-from .source import SUPPORTED, Source
+from .source import Source
+from .support import SUPPORTED
 
 DEFAULT_COMPONENTS = tuple(COMPONENTS)
 
