@@ -71,7 +71,8 @@ def measure(bundle_path: str, backend: str, compute_units: str, steps: int, runs
     """One configuration, in this process (the child)."""
     tag = f"[{backend} {compute_units}]"
     import_s = import_backend(backend)
-    from ..runtime.pipeline import Pipeline, check_setup
+    from ..runtime.pipeline import Pipeline
+    from ..runtime.request import check_setup
 
     bundle = open_bundle(bundle_path)  # hash verification happens here, outside the load timings
     check_setup(bundle, backend, purpose="bench")
@@ -236,7 +237,7 @@ def run_bench(bundle: str, compute_units: list[str] | None, backend: str, steps:
     opened = open_bundle(bundle)
     # So is a bundle without a model the generation needs (the pipeline's own check; imported
     # here so that in a child the pipeline's import stays inside the timed backend import).
-    from ..runtime.pipeline import check_setup
+    from ..runtime.request import check_setup
 
     check_setup(opened, backend, purpose="bench")
     if backend == "mil":

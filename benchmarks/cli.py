@@ -63,7 +63,7 @@ def bench(bundle, units, steps, runs, warmup, backend, energy, out):
     """Time every stage of generation with a bundle, per compute unit, into one JSON record."""
     from ..runtime.backends import BackendError
     from ..runtime.bundle import BundleError
-    from ..runtime.pipeline import GenerationError
+    from ..runtime.request import GenerationError
     from .bench import run_bench, write_record
 
     if out.exists():

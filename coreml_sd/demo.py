@@ -37,7 +37,8 @@ def demo(root: Path, prompt: str, seed: int, steps: int, scheduler: str, backend
     from .runtime.bundle import BundleError
     from .runtime.cli import denoise_with_progress
     from .runtime.image import save_png
-    from .runtime.pipeline import GenerationError, Pipeline
+    from .runtime.pipeline import Pipeline
+    from .runtime.request import GenerationError
     from .testing.tiny_pipelines import build_tiny_pipeline
 
     def say(line: str) -> None:

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Pipeline": "pipeline",
     "Generation": "pipeline",
-    "GenerationError": "pipeline",
-    "Request": "pipeline",
+    "GenerationError": "request",
+    "Request": "request",
     "Result": "pipeline",
     "Step": "pipeline",
     "Timings": "pipeline",
-    "check_request": "pipeline",
+    "check_request": "request",
     "Bundle": "bundle",
     "BundleError": "bundle",
     "open_bundle": "bundle",
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from .backends import BackendError, load_model
     from .bundle import Bundle, BundleError, open_bundle
     from .image import Parameters, read_parameters
-    from .pipeline import Generation, GenerationError, Pipeline, Request, Result, Step, Timings, check_request
+    from .pipeline import Generation, Pipeline, Result, Step, Timings
+    from .request import GenerationError, Request, check_request
 
 
 def __getattr__(name: str) -> Any:

@@ -55,7 +55,8 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
     from .backends import BackendError
     from .bundle import BundleError, open_bundle
     from .image import crop_box, prepare_output, save_png
-    from .pipeline import GenerationError, Pipeline, check_request, check_setup, read_image
+    from .pipeline import Pipeline
+    from .request import GenerationError, check_request, check_setup, read_image
 
     def warn(line: str) -> None:
         click.echo(f"warning: {line}", err=True)
