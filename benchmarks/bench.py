@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import re
-import resource
 import signal
 import statistics
 import subprocess

@@ -21,8 +21,8 @@ from pathlib import Path
 from coreml_sd.benchmarks.configs import sd15_unet
 from coreml_sd.convert.export import to_coreml, trace
 from coreml_sd.families import SD1, Geometry
-from coreml_sd.system import peak_rss_bytes, tool_versions
 from coreml_sd.models import load_unet
+from coreml_sd.system import peak_rss_bytes, tool_versions
 
 
 def main() -> None:

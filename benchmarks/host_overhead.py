@@ -22,11 +22,11 @@ from pathlib import Path
 
 from coreml_sd.convert.converter import ConvertOptions, Progress, convert
 from coreml_sd.convert.source import open_source
-from coreml_sd.testing.tiny_pipelines import build_tiny_pipeline
 from coreml_sd.runtime.pipeline import Pipeline
 from coreml_sd.runtime.random import detect_variant
-from coreml_sd.system import tool_versions
 from coreml_sd.runtime.schedulers import SCHEDULER_NAMES
+from coreml_sd.system import tool_versions
+from coreml_sd.testing.tiny_pipelines import build_tiny_pipeline
 
 
 def main() -> None:

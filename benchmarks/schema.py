@@ -24,36 +24,94 @@ NON_EMPTY = "non-empty"  # Annotated[list[X], NON_EMPTY]: a list of at least one
 # Each object as it looks in JSON. Those that differ between the versions are classes built on
 # what both versions share (Machine, _ResultOkCommon, _RecordCommon), so the difference shows.
 
-Tool = TypedDict("Tool", {"name": str, "version": str})
+class Tool(TypedDict):
+    name: str
+    version: str
 Software = TypedDict("Software", {"coreml-sd": str, "coremltools": str, "numpy": str, "python": str})
-Machine = TypedDict("Machine", {
-    "os": str, "os_version": str | None, "os_build": str | None, "arch": str,
-    "chip": str | None, "performance_cores": int | None, "efficiency_cores": int | None, "cpu_cores": int | None,
-    "gpu_cores": int | None, "memory_bytes": int | None})
-MachineConditions = TypedDict("MachineConditions", {"power_source": str | None, "thermal_warning": str | None})
-Conditions = TypedDict("Conditions", {"before": MachineConditions, "after": MachineConditions | None})
-Component = TypedDict("Component", {"precision": str | None, "compression": str | None})
-Bundle = TypedDict("Bundle", {
-    "model": str, "layout": str, "family": str, "image_size": tuple[int, int], "attention": str | None, "unet_batch": int,
-    "components": dict[str, Component], "manifest_sha256": str | None})
-Settings = TypedDict("Settings", {
-    "prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance_scale": float, "scheduler": str, "rng": str,
-    "runs": int, "warmup": int, "backend": str})
-Stats = TypedDict("Stats", {"median": float, "iqr": float, "count": int})
-Run = TypedDict("Run", {"end_to_end_s": float, "text_encoder_s": float, "denoise_s": float, "vae_decoder_s": float})
-Energy = TypedDict("Energy", {
-    # each null where powermetrics printed no such line (e.g. no ANE line)
-    "cpu_j_per_step": float | None, "gpu_j_per_step": float | None, "ane_j_per_step": float | None,
-    "coverage": float, "interval_ms": int, "sampler": str})
-ResultFailed = TypedDict("ResultFailed", {"compute_units": str, "backend": str, "status": Literal["failed"], "error": str})
-_ResultOkCommon = TypedDict("_ResultOkCommon", {
-    "compute_units": str, "backend": str, "status": Literal["ok"], "error": None,
-    "load_cold_s": float, "load_warm_s": float,
-    "text_encoder_s": float, "vae_decoder_s": float, "denoise_s": float, "end_to_end_s": float,
-    "runs": Annotated[list[Run], NON_EMPTY], "unet_ms_per_step": Stats, "host_ms_per_step": Stats,
-    "iterations_per_second": float, "peak_rss_bytes": int})
-_RecordCommon = TypedDict("_RecordCommon", {
-    "tool": Tool, "created_at": str, "software": Software, "bundle": Bundle, "settings": Settings})
+class Machine(TypedDict):
+    os: str
+    os_version: str | None
+    os_build: str | None
+    arch: str
+    chip: str | None
+    performance_cores: int | None
+    efficiency_cores: int | None
+    cpu_cores: int | None
+    gpu_cores: int | None
+    memory_bytes: int | None
+class MachineConditions(TypedDict):
+    power_source: str | None
+    thermal_warning: str | None
+class Conditions(TypedDict):
+    before: MachineConditions
+    after: MachineConditions | None
+class Component(TypedDict):
+    precision: str | None
+    compression: str | None
+class Bundle(TypedDict):
+    model: str
+    layout: str
+    family: str
+    image_size: tuple[int, int]
+    attention: str | None
+    unet_batch: int
+    components: dict[str, Component]
+    manifest_sha256: str | None
+class Settings(TypedDict):
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    scheduler: str
+    rng: str
+    runs: int
+    warmup: int
+    backend: str
+class Stats(TypedDict):
+    median: float
+    iqr: float
+    count: int
+class Run(TypedDict):
+    end_to_end_s: float
+    text_encoder_s: float
+    denoise_s: float
+    vae_decoder_s: float
+class Energy(TypedDict):
+    # each j_per_step is null where powermetrics printed no such line (e.g. no ANE line)
+    cpu_j_per_step: float | None
+    gpu_j_per_step: float | None
+    ane_j_per_step: float | None
+    coverage: float
+    interval_ms: int
+    sampler: str
+class ResultFailed(TypedDict):
+    compute_units: str
+    backend: str
+    status: Literal["failed"]
+    error: str
+class _ResultOkCommon(TypedDict):
+    compute_units: str
+    backend: str
+    status: Literal["ok"]
+    error: None
+    load_cold_s: float
+    load_warm_s: float
+    text_encoder_s: float
+    vae_decoder_s: float
+    denoise_s: float
+    end_to_end_s: float
+    runs: Annotated[list[Run], NON_EMPTY]
+    unet_ms_per_step: Stats
+    host_ms_per_step: Stats
+    iterations_per_second: float
+    peak_rss_bytes: int
+class _RecordCommon(TypedDict):
+    tool: Tool
+    created_at: str
+    software: Software
+    bundle: Bundle
+    settings: Settings
 
 
 class ResultOk(_ResultOkCommon):
@@ -75,7 +133,11 @@ class Record(_RecordCommon):
 # importing the backend's modules and there is no import_s; energy had no coverage or interval
 # (and 0.0 where no sample overlapped); no thermal pressure; no interrupted flag.
 
-EnergyV1 = TypedDict("EnergyV1", {"cpu_j_per_step": float, "gpu_j_per_step": float, "ane_j_per_step": float, "sampler": str})
+class EnergyV1(TypedDict):
+    cpu_j_per_step: float
+    gpu_j_per_step: float
+    ane_j_per_step: float
+    sampler: str
 
 
 class MachineV1(Machine):

@@ -15,7 +15,6 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch

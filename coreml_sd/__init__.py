@@ -21,8 +21,21 @@ __all__ = ["__version__", *_RUNTIME]
 
 if TYPE_CHECKING:
     from .runtime import (
-        BackendError, Bundle, BundleError, Generation, GenerationError, Parameters, Pipeline, Request, Result, Step,
-        Timings, check_request, load_model, open_bundle, read_parameters,
+        BackendError,
+        Bundle,
+        BundleError,
+        Generation,
+        GenerationError,
+        Parameters,
+        Pipeline,
+        Request,
+        Result,
+        Step,
+        Timings,
+        check_request,
+        load_model,
+        open_bundle,
+        read_parameters,
     )
 
 

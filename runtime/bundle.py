@@ -15,8 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import (
-    APPLE_PACKAGE_PREFIX, APPLE_SUBMODULES, MANIFEST, MERGES, SCHEDULER_CONFIG, SD15_SCHEDULER_CONFIG, VOCAB, BundleError,
-    read_manifest, verify_files,
+    APPLE_PACKAGE_PREFIX,
+    APPLE_SUBMODULES,
+    MANIFEST,
+    MERGES,
+    SCHEDULER_CONFIG,
+    SD15_SCHEDULER_CONFIG,
+    VOCAB,
+    BundleError,
+    read_manifest,
+    verify_files,
 )
 from ..families import FAMILIES, SD1, SD2, Family
 

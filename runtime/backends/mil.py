@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from ...system import import_coremltools
-from . import BackendError, check_inputs, describe, load_spec, output_array
-from . import mil_fuse
+from . import BackendError, check_inputs, describe, load_spec, mil_fuse, output_array
 from .mil_ops import KERNELS
 
 # uint16 (iOS 17 argmax/argmin indices) is held as int32: torch's uint16 lacks most kernels, and
