@@ -27,6 +27,19 @@ def test_unknown_command_fails() -> None:
     assert "No such command" in result.output
 
 
+def test_every_command_is_registered() -> None:
+    assert set(main.commands) == {"convert", "generate", "bench", "report", "demo"}
+
+
+def test_a_missing_command_module_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken tree or install must not ship a `coreml-sd` that silently lacks a command."""
+    import coreml_sd.cli as cli
+
+    monkeypatch.setattr(cli, "_COMMANDS", (*cli._COMMANDS, ("coreml_sd.no_such_stage", "command")))
+    with pytest.raises(ModuleNotFoundError, match="coreml_sd.no_such_stage"):
+        cli._register()
+
+
 # ------------------------------------------------------------------ a base install (no torch)
 
 
