@@ -49,18 +49,6 @@ CONFIGS = {
         "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
     },
 }
-REFERENCE = {
-    "pndm": ("PNDMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp-2m-karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "lcm": ("LCMScheduler", {}),
-}
 SEED = 0
 
 
@@ -123,17 +111,17 @@ class Case:
         import diffusers
         import torch
 
-        from coreml_sd.runtime.schedulers import from_config
+        from coreml_sd.runtime.schedulers import SCHEDULERS, from_config
 
         rng = np.random.default_rng(0)
         latents = rng.standard_normal(SHAPE).astype(np.float32)
         outputs = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(STEPS + 1)]
         self.noise = rng.standard_normal(SHAPE).astype(np.float32)
         self.ours = from_config(config, name)
-        cls, extra = REFERENCE[name]
+        spec = SCHEDULERS[name]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.theirs = getattr(diffusers, cls).from_config(config, **extra)
+            self.theirs = getattr(diffusers, spec.diffusers_class).from_config(config, **spec.overrides)
         self.module = __import__(type(self.theirs).__module__, fromlist=["randn_tensor"])
         self.ours.set_timesteps(STEPS)
         self.theirs.set_timesteps(STEPS)

@@ -28,20 +28,11 @@ from PIL import Image
 from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.cli import main
 from coreml_sd.runtime.image import read_parameters
-from coreml_sd.runtime.schedulers import SCHEDULER_NAMES
+from coreml_sd.runtime.schedulers import SCHEDULER_NAMES, SCHEDULERS
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
 PROMPT = "a photo of a cat"
-DIFFUSERS = {
-    "pndm": ("PNDMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "lcm": ("LCMScheduler", {}),
-}
 
 
 def generate(*args: str):
@@ -58,8 +49,8 @@ def reference_pipeline(cls_name: str, folder, scheduler: str):
 
     pipe = getattr(diffusers, cls_name).from_pretrained(folder, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    name, kwargs = DIFFUSERS[scheduler]
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **kwargs)
+    spec = SCHEDULERS[scheduler]
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(pipe.scheduler.config, **spec.overrides)
     return pipe
 
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from coreml_sd.runtime.random import TorchRandom
-from coreml_sd.runtime.schedulers import SCHEDULER_NAMES, from_config
+from coreml_sd.runtime.schedulers import SCHEDULER_NAMES, SCHEDULERS, from_config
 
 # The reference converts tensors through numpy in ways numpy 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -140,22 +140,12 @@ def _quiet_reference():
     diffusers.utils.logging.set_verbosity(level)
 
 
-_REFERENCE_CLASS = {
-    "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler",
-    "dpmpp-2m-karras": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler",
-}
-
-
 def reference(config: dict, name: str | None):
     """The diffusers scheduler that `from_config(config, name)` promises to match."""
     if name is None:
         return getattr(diffusers, config["_class_name"]).from_config(config)
-    extra = {}
-    if name.startswith("dpmpp-2m"):
-        extra = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_exponential_sigmas": False,
-                 "use_lu_lambdas": False, "use_karras_sigmas": name.endswith("karras")}
-    return getattr(diffusers, _REFERENCE_CLASS[name]).from_config(config, **extra)
+    spec = SCHEDULERS[name]
+    return getattr(diffusers, spec.diffusers_class).from_config(config, **spec.overrides)
 
 
 def model(x: np.ndarray, t: float) -> np.ndarray:
@@ -332,7 +322,7 @@ def assert_parity(name: str | None, config_id: str, steps: int, strength: float 
 
 def _runs(name: str | None, config: dict, steps: int) -> bool:
     """Combinations the reference itself refuses are left out (and tested as errors below)."""
-    cls = _REFERENCE_CLASS.get(name) or config["_class_name"]
+    cls = config["_class_name"] if name is None else SCHEDULERS[name].diffusers_class
     if cls == "PNDMScheduler" and not config.get("skip_prk_steps", False) and steps < 4:
         return False
     if cls == "LCMScheduler" and steps > config.get("original_inference_steps", 50):
