@@ -29,6 +29,7 @@ from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.cli import main
 from coreml_sd.runtime.image import read_parameters
 from coreml_sd.runtime.schedulers import SCHEDULER_NAMES, SCHEDULERS
+from helpers import FAMILIES, one_line_error, pixels
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -54,12 +55,8 @@ def reference_pipeline(cls_name: str, folder, scheduler: str):
     return pipe
 
 
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB"), np.float64)
-
-
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_text_to_image_matches_diffusers(family, scheduler, tiny_bundle, request, tmp_path, record_property):
     steps = 4 if scheduler == "lcm" else 8
     bundle = tiny_bundle(family, "split-einsum")
@@ -192,15 +189,6 @@ def test_init_image_of_another_shape_is_center_cropped(tiny_bundle, tmp_path):
 
 
 # ------------------------------------------------------------------ refusals
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("Error: ")
-    for fragment in fragments:
-        assert fragment in last, last
 
 
 @pytest.fixture
