@@ -8,6 +8,11 @@ conftest.py files.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -41,3 +46,16 @@ def pixels(x):
         return np.asarray(x.convert("RGB"), np.float64)
     with Image.open(x) as image:
         return np.asarray(image.convert("RGB"), np.float64)
+
+
+def coreml_sd_command() -> list[str]:
+    """The installed ``coreml-sd`` script beside this interpreter (else the module), as the start
+    of a command line."""
+    script = Path(sys.executable).with_name("coreml-sd")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "coreml_sd"]
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c CODE ARGS`` in a fresh interpreter, its output captured as text; ``code`` is
+    dedented, so it may be written indented inside a test."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, timeout=300)

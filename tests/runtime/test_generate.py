@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.cli import main
 from coreml_sd.runtime.image import read_parameters
 from coreml_sd.runtime.schedulers import SCHEDULER_NAMES, SCHEDULERS
-from helpers import FAMILIES, one_line_error, pixels
+from helpers import FAMILIES, coreml_sd_command, one_line_error, pixels
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -299,12 +298,6 @@ def test_img2img_needs_a_vae_encoder(tiny_bundle, tmp_path):
         Pipeline(open_bundle(bundle), backend="mil").generate(request)
 
 
-def _command() -> list[str]:
-    """The installed ``coreml-sd`` script beside this interpreter (else the module)."""
-    script = Path(sys.executable).with_name("coreml-sd")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "coreml_sd"]
-
-
 def _unreadable_unet(bundle: Path, root: Path) -> Path:
     """Apple's packages layout of ``bundle`` (no manifest, so no hashes) with a UNet whose model
     description is garbage: reading it is the first thing that imports coremltools."""
@@ -325,7 +318,7 @@ def test_a_real_process_prints_one_error_line(case, tiny_bundle, tmp_path):
     args = ["--steps", "0"] if case == "steps 0" else []
     if case == "unreadable model":
         bundle = _unreadable_unet(bundle, tmp_path / "packages")
-    done = subprocess.run([*_command(), "generate", PROMPT, "--bundle", str(bundle), *args, "-o", str(tmp_path / "out")],
+    done = subprocess.run([*coreml_sd_command(), "generate", PROMPT, "--bundle", str(bundle), *args, "-o", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and done.stdout == ""
     [line] = done.stderr.splitlines()
