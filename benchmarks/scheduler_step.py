@@ -30,36 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
+from coreml_sd.contract import SD15_SCHEDULER_CONFIG
 from coreml_sd.system import tool_versions
 
 SHAPE = (2, 4, 64, 64)
 STEPS, AT = 20, 10
 GOAL_US = 1000.0
-CONFIGS = {
-    "sd15": {
-        "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
-        "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
-    },
+CONFIGS = {  # as the checkpoints' scheduler_config.json hold them (less their _diffusers_version)
+    "sd15": dict(SD15_SCHEDULER_CONFIG),
     "sdxl": {
-        "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
-        "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
-        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-        "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+        **SD15_SCHEDULER_CONFIG, "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+        "prediction_type": "epsilon", "sample_max_value": 1.0, "timestep_spacing": "leading", "use_karras_sigmas": False,
     },
-}
-REFERENCE = {
-    "pndm": ("PNDMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp-2m-karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "lcm": ("LCMScheduler", {}),
 }
 SEED = 0
 
@@ -123,17 +105,17 @@ class Case:
         import diffusers
         import torch
 
-        from coreml_sd.runtime.schedulers import from_config
+        from coreml_sd.runtime.schedulers import SCHEDULERS, from_config
 
         rng = np.random.default_rng(0)
         latents = rng.standard_normal(SHAPE).astype(np.float32)
         outputs = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(STEPS + 1)]
         self.noise = rng.standard_normal(SHAPE).astype(np.float32)
         self.ours = from_config(config, name)
-        cls, extra = REFERENCE[name]
+        spec = SCHEDULERS[name]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.theirs = getattr(diffusers, cls).from_config(config, **extra)
+            self.theirs = getattr(diffusers, spec.diffusers_class).from_config(config, **spec.overrides)
         self.module = __import__(type(self.theirs).__module__, fromlist=["randn_tensor"])
         self.ours.set_timesteps(STEPS)
         self.theirs.set_timesteps(STEPS)

@@ -21,16 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-# Our scheduler names as those tools spell samplers.
-SAMPLER_NAMES = {
-    "pndm": "PLMS",
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler-a": "Euler a",
-    "dpmpp-2m": "DPM++ 2M",
-    "dpmpp-2m-karras": "DPM++ 2M Karras",
-    "lcm": "LCM",
-}
+from .schedulers import SCHEDULERS
+
+# Our scheduler names as those tools spell samplers (a name a config gives, such as
+# "dpm-solver-multistep", has no spelling there and is written as it is).
+SAMPLER_NAMES = {name: spec.a1111_name for name, spec in SCHEDULERS.items()}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,4 @@
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +6,7 @@ from click.testing import CliRunner
 
 import coreml_sd
 from coreml_sd.cli import main
+from helpers import run_python
 
 
 def test_version() -> None:
@@ -47,11 +47,6 @@ def test_a_missing_command_module_fails_loudly(monkeypatch: pytest.MonkeyPatch) 
 # every import of it raise ModuleNotFoundError, and of everything that imports it (diffusers,
 # transformers).
 BLOCK_TORCH = "import sys\nsys.modules['torch'] = None\n"
-
-
-def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
-    """``python -c CODE ARGS`` in a fresh interpreter, its output captured as text."""
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
 
 
 def run_cli(*args: str, torch_importable: bool) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ the algorithm cannot honour raises ValueError naming the field and the value.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -148,7 +148,7 @@ THRESHOLDING_FIELDS = {
 }
 
 
-def resolve(fields: dict[str, Field], config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def resolve(fields: dict[str, Field], config: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """The algorithm's parameters: its defaults, updated by the config's fields it reads, then by
     the overrides a scheduler name implies; every value checked."""
     params = {}

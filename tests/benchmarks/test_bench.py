@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from coreml_sd.benchmarks import bench as bench_mod
 from coreml_sd.benchmarks.schema import SCHEMA_VERSION, RecordError, load_record, validate
 from coreml_sd.cli import main
+from helpers import coreml_sd_command
 
 STEPS, RUNS, WARMUP = 3, 2, 1
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
@@ -212,8 +213,8 @@ def test_ctrl_c_before_anything_finished_writes_nothing(tiny_bundle, tmp_path):
     """A real Ctrl-C (SIGINT to the process group, as a terminal sends it) while the only
     configuration runs: bench and its child end, one line says nothing was written, exit 130."""
     out = tmp_path / "x.json"
-    exe = Path(sys.executable).with_name("coreml-sd")
-    proc = subprocess.Popen([str(exe), "bench", "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--backend", "mil",
+    bundle = tiny_bundle("sd1", "split-einsum")
+    proc = subprocess.Popen([*coreml_sd_command(), "bench", "--bundle", str(bundle), "--backend", "mil",
                              "--steps", "50", "--runs", "50", "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from coreml_sd.contract import SD15_SCHEDULER_CONFIG
+
 RESNET_NAMES = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -213,7 +215,8 @@ def write_ldm_checkpoint(diffusers_folder: str | Path, out_path: str | Path, com
         else:
             tensors |= {"cond_stage_model.transformer." + k: v for k, v in clip_to_ldm(state).items()}
     # Training-time noise schedule buffers sit at the top level of real files; loaders skip them.
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    start, end, n = (SD15_SCHEDULER_CONFIG[k] for k in ("beta_start", "beta_end", "num_train_timesteps"))
+    betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
     tensors["betas"] = betas.float()
     tensors["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
     out_path.parent.mkdir(parents=True, exist_ok=True)

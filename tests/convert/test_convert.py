@@ -22,8 +22,8 @@ from coremltools.proto import FeatureTypes_pb2 as ft
 import coreml_sd
 from coreml_sd.cli import main
 from coreml_sd.contract import hash_tree, verify_files
+from helpers import FAMILIES, one_line_error
 
-FAMILIES = ("sd1", "sd2")
 ATTENTIONS = ("original", "split-einsum", "split-einsum-v2")
 TEXT_DIM = {"sd1": 32, "sd2": 64}  # the tiny models' text widths (768 / 1024 in real SD 1.x / 2.x)
 DTYPE = {ft.ArrayFeatureType.FLOAT16: "float16", ft.ArrayFeatureType.FLOAT32: "float32"}
@@ -336,15 +336,6 @@ def test_a_damaged_manifest_entry_is_reconverted_not_a_crash(tiny_sd1_dir, tmp_p
 
 
 # ------------------------------------------------------------------ refusals
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    message = result.stderr.strip().splitlines()
-    assert len(message) >= 1 and message[-1].startswith("Error: ")
-    for fragment in fragments:
-        assert fragment in message[-1], message[-1]
 
 
 def test_unknown_source(tmp_path):

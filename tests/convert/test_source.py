@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from coreml_sd.testing import tiny_pipelines as tiny
 from coreml_sd.convert.source import Source, SourceError, detect_family, open_source
+from helpers import FAMILIES
 
 from .ldm_checkpoint import unet_to_ldm, vae_to_ldm, write_ldm_checkpoint
 
-FAMILIES = ("sd1", "sd2")
 PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction"}
 WEIGHT_FILES = {
     "unet": "unet/diffusion_pytorch_model.safetensors",

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from coreml_sd.models.attention import MASK_VALUE, AttentionImpl, attention
 from coreml_sd.models.layer_norm import LayerNormBC1S
+from helpers import rel_err
 
 IMPLS = list(AttentionImpl)
 
@@ -22,10 +23,6 @@ def reference(q, k, v, heads, mask=None):
     bias = None if mask is None else mask.permute(0, 2, 3, 1)  # (B, S_k, 1, S_q) -> (B, 1, S_q, S_k)
     out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias)
     return out.transpose(2, 3).reshape(b, c, 1, s_q)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("impl", IMPLS)

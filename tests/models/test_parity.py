@@ -13,16 +13,11 @@ import torch
 
 from coreml_sd.testing.tiny_pipelines import tiny_text_encoder, tiny_unet, tiny_vae
 from coreml_sd.models import AttentionImpl, load_text_encoder, load_unet, load_vae_decoder, load_vae_encoder
+from helpers import FAMILIES, rel_err
 
-FAMILIES = ("sd1", "sd2")
 IMPLS = list(AttentionImpl)
 TOL = 1e-4
 CHUNK = 24  # 8x8 latents: 64 = 2*24 + 16 tokens; mid block 4x4: 16 < 24
-
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    assert ours.shape == ref.shape
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

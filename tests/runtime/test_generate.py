@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,20 +27,12 @@ from PIL import Image
 from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.cli import main
 from coreml_sd.runtime.image import read_parameters
-from coreml_sd.runtime.schedulers import SCHEDULER_NAMES
+from coreml_sd.runtime.schedulers import SCHEDULER_NAMES, SCHEDULERS
+from helpers import FAMILIES, coreml_sd_command, one_line_error, pixels
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
 
 PROMPT = "a photo of a cat"
-DIFFUSERS = {
-    "pndm": ("PNDMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
-    "lcm": ("LCMScheduler", {}),
-}
 
 
 def generate(*args: str):
@@ -58,17 +49,13 @@ def reference_pipeline(cls_name: str, folder, scheduler: str):
 
     pipe = getattr(diffusers, cls_name).from_pretrained(folder, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    name, kwargs = DIFFUSERS[scheduler]
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **kwargs)
+    spec = SCHEDULERS[scheduler]
+    pipe.scheduler = getattr(diffusers, spec.diffusers_class).from_config(pipe.scheduler.config, **spec.overrides)
     return pipe
 
 
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else Image.open(image).convert("RGB"), np.float64)
-
-
 @pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
-@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_text_to_image_matches_diffusers(family, scheduler, tiny_bundle, request, tmp_path, record_property):
     steps = 4 if scheduler == "lcm" else 8
     bundle = tiny_bundle(family, "split-einsum")
@@ -203,15 +190,6 @@ def test_init_image_of_another_shape_is_center_cropped(tiny_bundle, tmp_path):
 # ------------------------------------------------------------------ refusals
 
 
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("Error: ")
-    for fragment in fragments:
-        assert fragment in last, last
-
-
 @pytest.fixture
 def loads(monkeypatch) -> list[str]:
     """The names of the models the pipeline loads (each backend ``load_model`` call), in order."""
@@ -320,12 +298,6 @@ def test_img2img_needs_a_vae_encoder(tiny_bundle, tmp_path):
         Pipeline(open_bundle(bundle), backend="mil").generate(request)
 
 
-def _command() -> list[str]:
-    """The installed ``coreml-sd`` script beside this interpreter (else the module)."""
-    script = Path(sys.executable).with_name("coreml-sd")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "coreml_sd"]
-
-
 def _unreadable_unet(bundle: Path, root: Path) -> Path:
     """Apple's packages layout of ``bundle`` (no manifest, so no hashes) with a UNet whose model
     description is garbage: reading it is the first thing that imports coremltools."""
@@ -346,7 +318,7 @@ def test_a_real_process_prints_one_error_line(case, tiny_bundle, tmp_path):
     args = ["--steps", "0"] if case == "steps 0" else []
     if case == "unreadable model":
         bundle = _unreadable_unet(bundle, tmp_path / "packages")
-    done = subprocess.run([*_command(), "generate", PROMPT, "--bundle", str(bundle), *args, "-o", str(tmp_path / "out")],
+    done = subprocess.run([*coreml_sd_command(), "generate", PROMPT, "--bundle", str(bundle), *args, "-o", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and done.stdout == ""
     [line] = done.stderr.splitlines()

@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 import torch
 
+from coreml_sd.contract import SD15_SCHEDULER_CONFIG
 from coreml_sd.runtime.random import TorchRandom
-from coreml_sd.runtime.schedulers import SCHEDULER_NAMES, from_config
+from coreml_sd.runtime.schedulers import SCHEDULER_NAMES, SCHEDULERS, from_config
 
 # The reference converts tensors through numpy in ways numpy 2 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -37,31 +38,19 @@ STEPS = (1, 2, 4, 20, 50)
 
 # ---------------------------------------------------------------------------- configs
 
-# Real checkpoint configs (scheduler/scheduler_config.json), verbatim.
-SD15 = {  # runwayml/stable-diffusion-v1-5
-    "_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-    "clip_sample": False,
-}
+# Real checkpoint configs (scheduler/scheduler_config.json), verbatim: SD 1.5's is the contract's
+# plus its diffusers version; the others are what they spell differently from it.
+SD15 = {**SD15_SCHEDULER_CONFIG, "_diffusers_version": "0.6.0"}  # runwayml/stable-diffusion-v1-5
 SD21 = {  # stabilityai/stable-diffusion-2-1 (v-prediction)
-    "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    **SD15, "_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "prediction_type": "v_prediction",
 }
 SD2_EULER = {  # stabilityai/stable-diffusion-2 (v-prediction, Euler)
-    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.10.0.dev0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+    **SD21, "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.10.0.dev0",
 }
 SDXL = {  # stabilityai/stable-diffusion-xl-base-1.0
-    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0", "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+    **SD15, "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0",
+    "interpolation_type": "linear", "prediction_type": "epsilon", "sample_max_value": 1.0,
+    "timestep_spacing": "leading", "use_karras_sigmas": False,
 }
 SDXL_TURBO = {  # stabilityai/sdxl-turbo
     **SDXL, "_class_name": "EulerAncestralDiscreteScheduler", "_diffusers_version": "0.24.0.dev0",
@@ -140,22 +129,12 @@ def _quiet_reference():
     diffusers.utils.logging.set_verbosity(level)
 
 
-_REFERENCE_CLASS = {
-    "pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler",
-    "dpmpp-2m-karras": "DPMSolverMultistepScheduler", "lcm": "LCMScheduler",
-}
-
-
 def reference(config: dict, name: str | None):
     """The diffusers scheduler that `from_config(config, name)` promises to match."""
     if name is None:
         return getattr(diffusers, config["_class_name"]).from_config(config)
-    extra = {}
-    if name.startswith("dpmpp-2m"):
-        extra = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_exponential_sigmas": False,
-                 "use_lu_lambdas": False, "use_karras_sigmas": name.endswith("karras")}
-    return getattr(diffusers, _REFERENCE_CLASS[name]).from_config(config, **extra)
+    spec = SCHEDULERS[name]
+    return getattr(diffusers, spec.diffusers_class).from_config(config, **spec.overrides)
 
 
 def model(x: np.ndarray, t: float) -> np.ndarray:
@@ -252,7 +231,8 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 def _torch_sqrt_ulps_off() -> int:
     """How many of SD's 1000 training sigmas torch's float32 sqrt rounds differently from IEEE."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2
+    start, end, n = (SD15_SCHEDULER_CONFIG[k] for k in ("beta_start", "beta_end", "num_train_timesteps"))
+    betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float32) ** 2
     alphas_cumprod = torch.cumprod(1 - betas, 0)
     ratio = (1 - alphas_cumprod) / alphas_cumprod
     return int((ratio.sqrt().numpy() != np.sqrt(ratio.numpy())).sum())
@@ -332,7 +312,7 @@ def assert_parity(name: str | None, config_id: str, steps: int, strength: float 
 
 def _runs(name: str | None, config: dict, steps: int) -> bool:
     """Combinations the reference itself refuses are left out (and tested as errors below)."""
-    cls = _REFERENCE_CLASS.get(name) or config["_class_name"]
+    cls = config["_class_name"] if name is None else SCHEDULERS[name].diffusers_class
     if cls == "PNDMScheduler" and not config.get("skip_prk_steps", False) and steps < 4:
         return False
     if cls == "LCMScheduler" and steps > config.get("original_inference_steps", 50):

@@ -9,9 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import coremltools as ct
 import numpy as np
@@ -20,6 +17,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 
 from coreml_sd.runtime.backends import BackendError, describe_model, load_model
+from helpers import run_python
 
 BACKENDS = ["mil", pytest.param("coreml", marks=pytest.mark.macos)]
 
@@ -172,15 +170,11 @@ def test_program_without_main_is_refused(weighted_package, tmp_path):
 # ------------------------------------------------------------------ the Core ML path without torch
 
 
-def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300)
-
-
 def test_core_ml_path_needs_no_torch(mixed_package):
     """With torch made unimportable, describing a package, choosing a backend and importing the
     runtime work, and nothing imports torch. (coremltools itself imports torch when it is
     installed; that is outside our control, so torch is hidden here, not merely unused.)"""
-    result = _python(f"""
+    result = run_python(f"""
         import sys
         sys.modules["torch"] = None  # `import torch` now raises ImportError
         from coreml_sd.runtime.backends import BackendError, describe_model, load_model
@@ -212,7 +206,7 @@ def test_core_ml_path_needs_no_torch(mixed_package):
 def test_describing_a_package_prints_nothing(mixed_package):
     """coremltools logs about its missing Core ML binding (off macOS) and our newer torch when it
     is imported; the runtime's import of it drops exactly those lines, and only while importing."""
-    result = _python(f"""
+    result = run_python(f"""
         from coreml_sd.runtime.backends import describe_model
         describe_model({str(mixed_package)!r})
         import logging

@@ -27,8 +27,8 @@ from coreml_sd.families import COMPONENTS as SPECS
 from coreml_sd.families import Geometry
 from coreml_sd.models import AttentionImpl
 from coreml_sd.runtime.backends import BackendError, load_model
+from helpers import FAMILIES
 
-FAMILIES = ("sd1", "sd2")
 ATTENTIONS = ("original", "split-einsum", "split-einsum-v2")
 COMPONENTS = {spec.name: cli_name for cli_name, spec in SPECS.items()}
 

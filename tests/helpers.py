@@ -1,0 +1,61 @@
+"""Helpers and constants several test modules share: ``from helpers import ...``.
+
+pyproject.toml puts ``tests/`` on ``sys.path`` (pytest's ``pythonpath`` option), so this module
+imports the same way in every test module, under ``--import-mode=importlib`` and in xdist
+workers alike. It imports nothing heavy (no torch, no coremltools); fixtures live in the
+conftest.py files.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# The families the tiny models come in (the tiny_sd1_dir / tiny_sd2_dir fixtures of conftest.py).
+FAMILIES = ("sd1", "sd2")
+
+
+def one_line_error(result, *fragments: str) -> None:
+    """A click ``CliRunner`` result that failed with one ``Error: ...`` line as the last line of
+    stderr, holding every fragment, and no traceback."""
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    message = result.stderr.strip().splitlines()
+    assert len(message) >= 1 and message[-1].startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in message[-1], message[-1]
+
+
+def rel_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref| of two torch tensors of the same shape."""
+    assert ours.shape == ref.shape
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def pixels(x):
+    """RGB pixels as float64 (H, W, 3) arrays: of one image (a PIL image or an image file's path),
+    or a list of them, one per image, of a pipeline result (anything with ``.images``)."""
+    if hasattr(x, "images"):
+        return [pixels(image) for image in x.images]
+    if isinstance(x, Image.Image):
+        return np.asarray(x.convert("RGB"), np.float64)
+    with Image.open(x) as image:
+        return np.asarray(image.convert("RGB"), np.float64)
+
+
+def coreml_sd_command() -> list[str]:
+    """The installed ``coreml-sd`` script beside this interpreter (else the module), as the start
+    of a command line."""
+    script = Path(sys.executable).with_name("coreml-sd")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "coreml_sd"]
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c CODE ARGS`` in a fresh interpreter, its output captured as text; ``code`` is
+    dedented, so it may be written indented inside a test."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, timeout=300)
