@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from coreml_sd.testing import tiny_pipelines as tiny
 from coreml_sd.convert.source import Source, SourceError, detect_family, open_source
+from coreml_sd.testing import tiny_pipelines as tiny
 from helpers import FAMILIES
 
 from .ldm_checkpoint import unet_to_ldm, vae_to_ldm, write_ldm_checkpoint

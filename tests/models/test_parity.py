@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coreml_sd.testing.tiny_pipelines import tiny_text_encoder, tiny_unet, tiny_vae
 from coreml_sd.models import AttentionImpl, load_text_encoder, load_unet, load_vae_decoder, load_vae_encoder
+from coreml_sd.testing.tiny_pipelines import tiny_text_encoder, tiny_unet, tiny_vae
 from helpers import FAMILIES, rel_err
 
 IMPLS = list(AttentionImpl)

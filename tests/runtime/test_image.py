@@ -11,7 +11,15 @@ from PIL import Image
 
 from coreml_sd.runtime import image as img
 from coreml_sd.runtime.image import (
-    Parameters, crop_box, fit_image, from_pil, prepare_output, read_parameters, save_png, slug, to_pil,
+    Parameters,
+    crop_box,
+    fit_image,
+    from_pil,
+    prepare_output,
+    read_parameters,
+    save_png,
+    slug,
+    to_pil,
 )
 
 PARAMS = Parameters("a cat, sitting", "blurry", 20, "euler-a", 7.5, 42, 512, 768, "sd15", strength=0.6)

@@ -15,6 +15,7 @@ from PIL import Image
 from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.runtime.bundle import BundleError, open_bundle
 from coreml_sd.runtime.pipeline import GenerationError, Pipeline, check_request
+from helpers import pixels
 
 PROMPT = "a watercolour of a lighthouse"
 
@@ -40,10 +41,6 @@ def test_generator_form_yields_every_step_and_can_stop_early(pipe):
     assert np.array_equal(early.latents, steps[1].latents)  # same stream, stopped after step 2
     partial = early.finish()
     assert not np.array_equal(np.asarray(partial.images[0]), np.asarray(full.images[0]))
-
-
-def pixels(result) -> list[np.ndarray]:
-    return [np.asarray(image) for image in result.images]
 
 
 @pytest.fixture(scope="module")

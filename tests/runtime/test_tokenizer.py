@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import transformers
 
-from coreml_sd.testing import clip_vocab
 from coreml_sd.runtime import tokenizer as rt
 from coreml_sd.runtime.tokenizer import CLIPTokenizer, Tokens, normalize_text, split_words
+from coreml_sd.testing import clip_vocab
 
 BOS, EOS = 49406, 49407
 MAX_LENGTH = 77

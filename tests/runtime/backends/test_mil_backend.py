@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 
+import coremltools as ct
 import numpy as np
 import pytest
 import torch
-import coremltools as ct
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 
