@@ -19,7 +19,9 @@ def _units(ctx, param, value: str | None) -> list[str] | None:
     units = [u.strip() for u in value.split(",") if u.strip()]
     bad = [u for u in units if u not in COMPUTE_UNITS]
     if bad or not units:
-        raise click.BadParameter(f"unknown compute units {', '.join(bad) or '(none)'}; use all or some of {', '.join(COMPUTE_UNITS)}")
+        raise click.BadParameter(
+            f"unknown compute units {', '.join(bad) or '(none)'}; use all or some of {', '.join(COMPUTE_UNITS)}"
+        )
     return units
 
 
@@ -57,7 +59,8 @@ def _write(path: Path, data: bytes) -> None:
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(1), help="Measured runs per configuration.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Unmeasured runs first.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--energy/--no-energy", default=None, help="Measure energy with powermetrics (default: when run with sudo on macOS).")
+@click.option("--energy/--no-energy", default=None,
+              help="Measure energy with powermetrics (default: when run with sudo on macOS).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Record to write (JSON).")
 def bench(bundle, units, steps, runs, warmup, backend, energy, out):
     """Time every stage of generation with a bundle, per compute unit, into one JSON record."""

@@ -61,7 +61,8 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle checkpoints (.ckpt, .bin): only for files you trust.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (unchanged components are reused).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="Compile to .mlmodelc (default: on macOS).")
-def convert(source, out, attention, components, height, width, unet_batch_one, revision, config, allow_pickle, overwrite, compile_):
+def convert(source, out, attention, components, height, width, unet_batch_one, revision, config, allow_pickle, overwrite,
+            compile_):
     """Convert a Stable Diffusion checkpoint to a Core ML bundle.
 
     SOURCE is a model id on the Hugging Face hub, a local diffusers folder, or a single-file

@@ -223,7 +223,9 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
         try:
             module = build_module(p.source, spec, p.attention, p.query_chunk)
         except ValueError as exc:  # the weights do not fit our module (models.model_io)
-            raise ConvertError(f"{p.source.id}: its {spec.source_part} does not map onto coreml-sd's {spec.name}: {exc}") from None
+            raise ConvertError(
+                f"{p.source.id}: its {spec.source_part} does not map onto coreml-sd's {spec.name}: {exc}"
+            ) from None
     with progress.stage(spec.cli_name, "trace"):
         traced = trace(module, inputs)
     with progress.stage(spec.cli_name, "convert"):

@@ -3,8 +3,9 @@
 A directory holding the Core ML models under the names Apple's Swift ``StableDiffusion`` package
 loads (``TextEncoder``, ``Unet``, ``VAEDecoder``, ``VAEEncoder`` as ``.mlpackage``, and as compiled
 ``.mlmodelc`` on macOS, the form the Swift package reads: apple/ml-stable-diffusion at e12202c,
-``swift/StableDiffusion/pipeline/StableDiffusionPipeline+Resources.swift`` lines 29-37), the tokenizer files ``vocab.json`` and ``merges.txt``, the source
-``scheduler_config.json``, and ``manifest.json`` describing all of it with a sha256 per file.
+``swift/StableDiffusion/pipeline/StableDiffusionPipeline+Resources.swift`` lines 29-37), the
+tokenizer files ``vocab.json`` and ``merges.txt``, the source ``scheduler_config.json``, and
+``manifest.json`` describing all of it with a sha256 per file.
 Which models a bundle holds, and their inputs and outputs, are the family's (``families.py``).
 
 Both stages import this module; it imports neither torch nor coremltools.

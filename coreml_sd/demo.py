@@ -68,7 +68,9 @@ def demo(root: Path, prompt: str, seed: int, steps: int, scheduler: str, backend
     try:
         path = save_png(result.images[0], result.parameters[0], root / "images")
     except OSError as exc:
-        raise click.ClickException(f"cannot write the image to {root / 'images'}: {exc.strerror or exc}; pass another --dir") from None
+        raise click.ClickException(
+            f"cannot write the image to {root / 'images'}: {exc.strerror or exc}; pass another --dir"
+        ) from None
     t = result.timings.as_dict()
     say(f"unet {t['unet_s_per_step'] * 1000:.0f} ms/step, other {t['host_s_per_step'] * 1000:.1f} ms/step; "
         f"done in {time.perf_counter() - start:.0f}s")

@@ -127,7 +127,9 @@ def _text_encoder_io(g: Geometry) -> IO:
     return (
         [TensorSpec("input_ids", (1, g.max_length), description="Token ids (float), start token first, padded")],
         [
-            TensorSpec("last_hidden_state", (1, g.max_length, g.text_dim), description="Text embeddings after the final LayerNorm"),
+            TensorSpec(
+                "last_hidden_state", (1, g.max_length, g.text_dim), description="Text embeddings after the final LayerNorm"
+            ),
             TensorSpec("pooled_outputs", (1, g.text_dim), description="Embedding at the end-of-text token"),
         ],
     )

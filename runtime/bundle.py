@@ -107,7 +107,8 @@ def _open_ours(root: Path, verify: bool) -> Bundle:
     for name in components:
         files_of = ModelFiles()
         for key, into in (("package", files_of.packages), ("compiled", files_of.compiled)):
-            rel = _field(root, manifest, f"components.{name}.{key}", lambda v: v is None or _relative(v), "a path inside the bundle", required=False)
+            rel = _field(root, manifest, f"components.{name}.{key}", lambda v: v is None or _relative(v),
+                         "a path inside the bundle", required=False)
             if rel:
                 into.append(root / rel)
         models[name] = files_of
@@ -123,7 +124,8 @@ def _open_ours(root: Path, verify: bool) -> Bundle:
         name = source_id if source.get("kind") == "hub" else Path(source_id).name
     else:
         name = root.resolve().name
-    h, w = _field(root, manifest, "image_size", lambda v: isinstance(v, list) and len(v) == 2 and all(_positive(d) and d % 8 == 0 for d in v),
+    h, w = _field(root, manifest, "image_size",
+                  lambda v: isinstance(v, list) and len(v) == 2 and all(_positive(d) and d % 8 == 0 for d in v),
                   "[height, width] in pixels, multiples of 8")
     return Bundle(
         path=root,
@@ -224,7 +226,9 @@ def _open_apple(root: Path, layout: str) -> Bundle:
     candidates = [here, here.parent / "compiled", here.parent]
     tokenizer = next((d for d in candidates if (d / VOCAB).is_file() and (d / MERGES).is_file()), None)
     if tokenizer is None:
-        raise BundleError(f"{root}: no {VOCAB} and {MERGES} here or in ../compiled; copy the CLIP tokenizer files beside the models")
+        raise BundleError(
+            f"{root}: no {VOCAB} and {MERGES} here or in ../compiled; copy the CLIP tokenizer files beside the models"
+        )
     unet = _describe(models["Unet"])
     text = _describe(models["TextEncoder"])
     sample = unet[0].get("sample")

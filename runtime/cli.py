@@ -36,15 +36,18 @@ def denoise_with_progress(run, label: str):
               help="Start from this image (image-to-image). Scaled to the bundle's size keeping its aspect ratio; "
               "a different aspect ratio is center-cropped, never stretched.")
 @click.option("--strength", default=0.75, show_default=True, type=float, help="How much of the init image to repaint.")
-@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="auto: coreml on macOS, mil elsewhere.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: coreml on macOS, mil elsewhere.")
 @click.option("--compute-units", type=click.Choice(COMPUTE_UNITS), default="CPU_AND_NE", show_default=True)
 @click.option("--reduce-memory", is_flag=True, help="Load each model just before use and release it after.")
 @click.option("--precision", type=click.Choice(["float16", "float32"]),
-              help="mil backend only: float32 keeps float16 activations in float32 (to debug an overflow; not what a Mac computes).")
+              help="mil backend only: float32 keeps float16 activations in float32 "
+              "(to debug an overflow; not what a Mac computes).")
 @click.option("--rng", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True, help="Noise source.")
 @click.option("--height", type=int, help="Must match the bundle (default: its size).")
 @click.option("--width", type=int, help="Must match the bundle (default: its size).")
-@click.option("-o", "--output", "out", default=Path("."), show_default=True, type=click.Path(path_type=Path), help="Folder for the PNG files (created if needed).")
+@click.option("-o", "--output", "out", default=Path("."), show_default=True, type=click.Path(path_type=Path),
+              help="Folder for the PNG files (created if needed).")
 def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negative_prompt, init_image, strength,
              backend, compute_units, reduce_memory, precision, rng, height, width, out):
     """Generate images for PROMPT with a converted bundle.
@@ -76,9 +79,12 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
     try:
         prepare_output(out)
     except OSError as exc:
-        raise click.ClickException(f"cannot write to output folder {out}: {exc.strerror or exc}; pass a writable folder with -o") from None
+        raise click.ClickException(
+            f"cannot write to output folder {out}: {exc.strerror or exc}; pass a writable folder with -o"
+        ) from None
     if negative_prompt and not request.guided:
-        warn(f"--negative-prompt is ignored: guidance is off at --guidance {guidance:g} (<= 1); raise it to use a negative prompt")
+        warn(f"--negative-prompt is ignored: guidance is off at --guidance {guidance:g} (<= 1); "
+             "raise it to use a negative prompt")
     if image is not None:
         h, w = opened.image_size
         left, upper, right, lower = crop_box(image.size, (w, h))
@@ -102,7 +108,9 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
             path = save_png(picture, params, out)
         except OSError as exc:
             kept = f" ({i} of {len(result.images)} written above)" if i else ""
-            raise click.ClickException(f"cannot write the image to {out}: {exc.strerror or exc}{kept}; free space or pass another -o") from None
+            raise click.ClickException(
+                f"cannot write the image to {out}: {exc.strerror or exc}{kept}; free space or pass another -o"
+            ) from None
         click.echo(str(path))
     t = result.timings.as_dict()
     click.echo(

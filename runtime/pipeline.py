@@ -118,7 +118,9 @@ class Pipeline:
         # One tokenizer per text encoder: the bundle's pad token for the first, the family's for others.
         encoders = bundle.spec.conditioning.encoders
         self.tokenizers = {
-            use.model: CLIPTokenizer.from_files(bundle.vocab, bundle.merges, pad_token=bundle.pad_token if i == 0 else use.pad_token)
+            use.model: CLIPTokenizer.from_files(
+                bundle.vocab, bundle.merges, pad_token=bundle.pad_token if i == 0 else use.pad_token
+            )
             for i, use in enumerate(encoders)
         }
         self.slots = {name: _Slot(self, name) for name in bundle.models}

@@ -72,7 +72,8 @@ def check_request(
     h, w = bundle.image_size
     if (height or h, width or w) != (h, w):
         raise GenerationError(
-            f"this bundle was converted for {w}x{h} images; re-convert with --width/--height to generate {width or w}x{height or h}"
+            f"this bundle was converted for {w}x{h} images; "
+            f"re-convert with --width/--height to generate {width or w}x{height or h}"
         )
     if not _whole(steps) or steps < 1:
         raise GenerationError(f"steps must be a whole number >= 1, got {steps!r}")

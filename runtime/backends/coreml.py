@@ -31,7 +31,9 @@ class CoreMLModel:
             else:
                 self._model = ct.models.MLModel(str(self.path), compute_units=units)
         except Exception as exc:  # coremltools raises bare Exceptions from Core ML
-            raise BackendError(f"{self.path.name}: Core ML could not load it ({exc}); re-convert or download it again if it is damaged") from None
+            raise BackendError(
+                f"{self.path.name}: Core ML could not load it ({exc}); re-convert or download it again if it is damaged"
+            ) from None
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = check_inputs(self.path, self.inputs, inputs)

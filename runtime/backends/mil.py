@@ -74,7 +74,9 @@ class MILModel:
             raise BackendError(f"precision {precision!r}: use float16 (as declared) or float32")
         self.path = Path(path)
         if self.path.suffix != ".mlpackage":
-            raise BackendError(f"{self.path.name}: the mil backend runs .mlpackage files (a compiled .mlmodelc holds no readable program)")
+            raise BackendError(
+                f"{self.path.name}: the mil backend runs .mlpackage files (a compiled .mlmodelc holds no readable program)"
+            )
         spec = load_spec(self.path)
         if spec.WhichOneof("Type") != "mlProgram":
             raise BackendError(f"{self.path.name}: not an ML program (the mil backend runs ML programs only)")
@@ -96,10 +98,15 @@ class MILModel:
         try:  # a truncated weight.bin fails here (numpy "index out of bounds", storage reader errors)
             program = mil_load.load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights))
         except Exception as exc:
-            raise BackendError(f"{self.path}: its program or weights cannot be read ({exc}); the package is damaged, re-convert it (or download it again)") from None
+            raise BackendError(
+                f"{self.path}: its program or weights cannot be read ({exc}); "
+                "the package is damaged, re-convert it (or download it again)"
+            ) from None
         if "main" not in program.functions:
             names = ", ".join(sorted(program.functions)) or "none"
-            raise BackendError(f"{self.path}: its program has no 'main' function (it has: {names}); re-convert it as a single-function package")
+            raise BackendError(
+                f"{self.path}: its program has no 'main' function (it has: {names}); re-convert it as a single-function package"
+            )
         function = program.functions["main"]
         if any(op.op_type.startswith("constexpr_") for op in function.operations):
             self._decompress(program)

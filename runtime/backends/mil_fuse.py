@@ -102,7 +102,12 @@ def match(steps: list, consumers: dict[str, int], start: int) -> tuple[str, int,
     if consumers.get(name) != 1 or i >= len(steps):
         return None
     last = steps[i]
-    if form == "einsum" and last.op_type == "einsum" and last.args.get("equation") == _EINSUM_OUT and _is(last.args["values"][1], name):
+    if (
+        form == "einsum"
+        and last.op_type == "einsum"
+        and last.args.get("equation") == _EINSUM_OUT
+        and _is(last.args["values"][1], name)
+    ):
         args["v"] = last.args["values"][0]
     elif (
         form == "matmul"

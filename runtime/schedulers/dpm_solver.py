@@ -84,7 +84,8 @@ class DPMSolverMultistep(Scheduler):
         # as in the reference. (`dpmsolver` / `sde-dpmsolver`, deprecated there, are refused.)
         "algorithm_type": Field("dpmsolver++", choice("dpmsolver++", "sde-dpmsolver++", "deis")),
         "solver_type": Field(
-            "midpoint", mapped({"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"})
+            "midpoint",
+            mapped({"midpoint": "midpoint", "heun": "heun", "logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"}),
         ),
         "lower_order_final": Field(True, flag),
         "euler_at_final": Field(False, flag),

@@ -10,19 +10,31 @@ import pytest
 from coreml_sd.benchmarks import machine
 
 SW_VERS = "ProductName:\t\tmacOS\nProductVersion:\t\t14.5\nBuildVersion:\t\t23F79\n"
-SYSTEM_PROFILER = json.dumps({"SPDisplaysDataType": [{"_name": "Apple M2 Pro", "sppci_cores": "19", "sppci_model": "Apple M2 Pro"}]})
-IOREG = '+-o AGXAcceleratorG14X  <class AGXAcceleratorG14X, id 0x1000003a4>\n    {\n      "gpu-core-count" = 19\n      "model" = "Apple M2 Pro"\n    }\n'
+SYSTEM_PROFILER = json.dumps(
+    {"SPDisplaysDataType": [{"_name": "Apple M2 Pro", "sppci_cores": "19", "sppci_model": "Apple M2 Pro"}]}
+)
+IOREG = (
+    '+-o AGXAcceleratorG14X  <class AGXAcceleratorG14X, id 0x1000003a4>\n'
+    '    {\n      "gpu-core-count" = 19\n      "model" = "Apple M2 Pro"\n    }\n'
+)
 PMSET_BATT_AC = "Now drawing from 'AC Power'\n -InternalBattery-0 (id=12345)\t100%; charged; 0:00 remaining present: true\n"
-PMSET_BATT_BATTERY = "Now drawing from 'Battery Power'\n -InternalBattery-0 (id=12345)\t72%; discharging; 3:15 remaining present: true\n"
+PMSET_BATT_BATTERY = (
+    "Now drawing from 'Battery Power'\n"
+    " -InternalBattery-0 (id=12345)\t72%; discharging; 3:15 remaining present: true\n"
+)
 THERM_NOMINAL = (
     "Note: No thermal warning level has been recorded\nNote: No performance warning level has been recorded\n"
-    "2026-08-20 05:08:37 -0700 CPU Power notify\n\tCPU_Scheduler_Limit \t= 100\n\tCPU_Available_CPUs \t= 12\n\tCPU_Speed_Limit \t= 100\n"
+    "2026-08-20 05:08:37 -0700 CPU Power notify\n\tCPU_Scheduler_Limit \t= 100\n"
+    "\tCPU_Available_CPUs \t= 12\n\tCPU_Speed_Limit \t= 100\n"
 )
 THERM_NOTES_ONLY = "Note: No thermal warning level has been recorded\nNote: No performance warning level has been recorded\n"
 # Not seen on a Mac by us (machines rarely record a warning): the parser accepts "level set to N",
 # "level: N" and "level = N".
 THERM_WARNING = "Thermal warning level set to 2.\nNote: No performance warning level has been recorded\n"
-THERM_THROTTLED = "2026-08-20 05:08:37 -0700 CPU Power notify\n\tCPU_Scheduler_Limit \t= 100\n\tCPU_Available_CPUs \t= 12\n\tCPU_Speed_Limit \t= 65\n"
+THERM_THROTTLED = (
+    "2026-08-20 05:08:37 -0700 CPU Power notify\n\tCPU_Scheduler_Limit \t= 100\n"
+    "\tCPU_Available_CPUs \t= 12\n\tCPU_Speed_Limit \t= 65\n"
+)
 def fake_run(outputs):
     def run(*cmd, timeout=10.0):
         return outputs.get(cmd)

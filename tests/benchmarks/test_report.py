@@ -25,7 +25,8 @@ def ok(units, e2e, its, unet_ms, energy=None, pressure=None):
             "load_cold_s": 20.0, "load_warm_s": 2.0, "text_encoder_s": 0.01,
             "unet_ms_per_step": {"median": unet_ms, "iqr": 2.0, "count": 100},
             "host_ms_per_step": {"median": 0.3, "iqr": 0.05, "count": 100}, "vae_decoder_s": 0.5, "denoise_s": e2e - 0.6,
-            "end_to_end_s": e2e, "runs": [{"end_to_end_s": e2e, "text_encoder_s": 0.01, "denoise_s": e2e - 0.6, "vae_decoder_s": 0.5}],
+            "end_to_end_s": e2e,
+            "runs": [{"end_to_end_s": e2e, "text_encoder_s": 0.01, "denoise_s": e2e - 0.6, "vae_decoder_s": 0.5}],
             "iterations_per_second": its, "peak_rss_bytes": 3 * 2**30, "energy": energy, "thermal_pressure": pressure}
 
 
@@ -73,7 +74,8 @@ def test_report_groups_sorts_and_marks_the_fastest(linux, tmp_path):
     m2 = mac_record(base, "Apple M2 Pro", [ok("CPU_ONLY", 40.0, 0.5, 1900), ok("CPU_AND_GPU", 9.0, 2.4, 410),
                                            ok("CPU_AND_NE", 6.5, 3.3, 290, energy, ["Nominal", "Moderate"]),
                                            ok("ALL", 7.0, 3.1, 300),
-                                           {"compute_units": "CPU_AND_GPU", "backend": "coreml", "status": "failed", "error": "out of memory"}])
+                                           {"compute_units": "CPU_AND_GPU", "backend": "coreml", "status": "failed",
+                                            "error": "out of memory"}])
     # The same chip name with more memory, a newer macOS and a palettized UNet: same section, own rows.
     m2_big = mac_record(base, "Apple M2 Pro", [ok("CPU_AND_NE", 5.5, 3.9, 250)], memory_gb=64, os_version="15.1",
                         unet_compression="palettize-6bit")
@@ -98,7 +100,10 @@ def test_report_groups_sorts_and_marks_the_fastest(linux, tmp_path):
     assert rows[0].startswith("| ★ ") and "**5.50**" in rows[0] and "64 GB, macOS 15.1, AC" in rows[0]
     assert "0.50 / 0.10 / 1.20" in rows[1] and "Nominal → Moderate" in rows[1]
     assert "8P+4E CPU, 19-core GPU, 32 GB, macOS 14.5, AC" in rows[1]
-    assert "- failed: CPU_AND_GPU (coreml, stable-diffusion-v1-5 512x512, float16, 8P+4E CPU, 19-core GPU, 32 GB, macOS 14.5, AC): out of memory" in m2_section
+    assert (
+        "- failed: CPU_AND_GPU (coreml, stable-diffusion-v1-5 512x512, float16, 8P+4E CPU, 19-core GPU, 32 GB, macOS 14.5, AC): "
+        "out of memory" in m2_section
+    )
     m1_section = next(s for s in sections if s.startswith("Apple M1\n"))
     m1_rows = rows_of(m1_section)
     assert m1_rows[0].startswith("| ★ ") and "CPU_AND_GPU" in m1_rows[0] and "original" in m1_rows[0]
@@ -143,7 +148,8 @@ def test_report_with_no_valid_file_fails(tmp_path):
 
 def test_report_paths_that_cannot_be_written(linux, tmp_path):
     (tmp_path / "file").write_text("")
-    for args in (["-o", str(tmp_path / "file" / "r.md")], ["-o", str(tmp_path / "r.md"), "--plot", str(tmp_path / "file" / "p.png")]):
+    for args in (["-o", str(tmp_path / "file" / "r.md")],
+                 ["-o", str(tmp_path / "r.md"), "--plot", str(tmp_path / "file" / "p.png")]):
         result = CliRunner().invoke(main, ["report", str(linux), *args])
         assert result.exit_code == 1 and "is not a folder" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "r.md").exists()

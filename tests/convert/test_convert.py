@@ -354,7 +354,12 @@ def test_output_exists_without_overwrite(tiny_sd1_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("flag", "value", "fragment"),
-    [("--height", "60", "multiple of 8"), ("--width", "72", "latent side 9"), ("--height", "0", "positive"), ("--width", "0", "positive")],
+    [
+        ("--height", "60", "multiple of 8"),
+        ("--width", "72", "latent side 9"),
+        ("--height", "0", "positive"),
+        ("--width", "0", "positive"),
+    ],
 )
 def test_bad_sizes(tiny_sd1_dir, tmp_path, flag, value, fragment):
     one_line_error(run(str(tiny_sd1_dir), "-o", str(tmp_path / "b"), flag, value), fragment)
@@ -430,7 +435,11 @@ def refused_before_any_work(result, tmp_path, *fragments: str) -> None:
         ("unet", {"block_out_channels": [32, 64, 64]}, "unet", "3 block_out_channels for 2 down and 2 up blocks"),
         (
             "vae",
-            {"block_out_channels": [16, 32, 32], "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3},
+            {
+                "block_out_channels": [16, 32, 32],
+                "down_block_types": ["DownEncoderBlock2D"] * 3,
+                "up_block_types": ["UpDecoderBlock2D"] * 3,
+            },
             "vae-encoder",
             "scales images by 4",
         ),
@@ -467,7 +476,12 @@ def test_broken_weight_files_are_refused_first(tiny_sd1_dir, tmp_path, damage):
 @pytest.mark.parametrize(
     ("part", "changes", "component", "fragments"),
     [
-        ("vae", {"block_out_channels": [16, 16, 32, 48]}, "vae-decoder", ("cannot load the vae", "size mismatch", "vae/config.json")),
+        (
+            "vae",
+            {"block_out_channels": [16, 16, 32, 48]},
+            "vae-decoder",
+            ("cannot load the vae", "size mismatch", "vae/config.json"),
+        ),
         ("text_encoder", {"intermediate_size": 48}, "text-encoder", ("mismatched tensors", "text_encoder/config.json")),
     ],
 )

@@ -26,7 +26,10 @@ def reference(q, k, v, heads, mask=None):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize(("s_q", "s_k", "heads", "chunk"), [(64, 77, 2, 512), (2304, 77, 1, 512), (2304, 2304, 1, 512), (50, 50, 4, 16)])
+@pytest.mark.parametrize(
+    ("s_q", "s_k", "heads", "chunk"),
+    [(64, 77, 2, 512), (2304, 77, 1, 512), (2304, 2304, 1, 512), (50, 50, 4, 16)],
+)
 def test_matches_sdpa(impl, s_q, s_k, heads, chunk):
     """2304 tokens (48x48 latents: SD 2.x at 768 px) is 4 full 512-chunks plus 256 queries."""
     g = torch.Generator().manual_seed(s_q + s_k + heads)
@@ -91,5 +94,7 @@ def test_layer_norm_matches_torch_and_survives_float16():
     assert torch.isfinite(out).all()
     centred = big - big.mean(dim=1, keepdim=True)
     assert torch.isinf((centred * centred).mean(dim=1)).all()
-    ref16 = torch.nn.functional.layer_norm(big.float().squeeze(2).transpose(1, 2), (96,), ln.weight.float(), ln.bias.float(), 1e-5)
+    ref16 = torch.nn.functional.layer_norm(
+        big.float().squeeze(2).transpose(1, 2), (96,), ln.weight.float(), ln.bias.float(), 1e-5
+    )
     assert rel_err(out.float(), ref16.transpose(1, 2).unsqueeze(2)) < 1e-2

@@ -45,7 +45,9 @@ def _metadata(class_name: str, inputs: list[dict], outputs: list[dict], histogra
             "mlProgramOperationTypeHistogram": histogram,
             "computePrecision": "Mixed (Float16, Float32, Int32)",
             "isUpdatable": "0",
-            "availability": {"macOS": "13.0", "tvOS": "16.0", "visionOS": "1.0", "watchOS": "9.0", "iOS": "16.0", "macCatalyst": "16.0"},
+            "availability": {
+                "macOS": "13.0", "tvOS": "16.0", "visionOS": "1.0", "watchOS": "9.0", "iOS": "16.0", "macCatalyst": "16.0"
+            },
             "modelType": {"name": "MLModelType_mlProgram"},
             "userDefinedMetadata": {
                 "com.github.apple.coremltools.source_dialect": "TorchScript",
@@ -87,7 +89,8 @@ def write_compiled_resources(root: Path, vocab_dir: Path, *, hidden: int = 768, 
     if chunked:  # Apple's split: chunk 2 reads the original inputs it needs and chunk 1's outputs
         middle = [_feature(f"input_{i}_cast_fp16", [batch, 1280, latent // 8, latent // 8], "Float16") for i in (210, 212)]
         models["UnetChunk1"] = _metadata(f"{prefix}_unet_chunk1", unet_in, middle, {"Ios16.einsum": 40, "Ios16.conv": 50})
-        models["UnetChunk2"] = _metadata(f"{prefix}_unet_chunk2", [*middle, unet_in[2]], [noise], {"Ios16.einsum": 24, "Ios16.conv": 48})
+        models["UnetChunk2"] = _metadata(f"{prefix}_unet_chunk2", [*middle, unet_in[2]], [noise],
+                                         {"Ios16.einsum": 24, "Ios16.conv": 48})
     for name, metadata in models.items():
         folder = root / f"{name}.mlmodelc"
         (folder / "weights").mkdir(parents=True)

@@ -69,7 +69,10 @@ def test_text_to_image_matches_diffusers(family, scheduler, tiny_bundle, request
     assert score >= 30, f"{family} {scheduler}: {score:.1f} dB"
 
 
-@pytest.mark.parametrize(("family", "scheduler", "strength"), [("sd1", "ddim", 0.5), ("sd2", "euler-a", 0.75), ("sd1", "dpmpp-2m", 0.3)])
+@pytest.mark.parametrize(
+    ("family", "scheduler", "strength"),
+    [("sd1", "ddim", 0.5), ("sd2", "euler-a", 0.75), ("sd1", "dpmpp-2m", 0.3)],
+)
 def test_image_to_image_matches_diffusers(family, scheduler, strength, tiny_bundle, request, tmp_path):
     init = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(init)
@@ -262,9 +265,11 @@ def test_errors(tiny_bundle, tmp_path):
     one_line_error(generate(PROMPT, "--bundle", str(tmp_path / "none"), *out), "no such bundle")
     one_line_error(generate(PROMPT, "--bundle", bundle, "--steps", "0", *out), "steps must be")
     one_line_error(generate(PROMPT, "--bundle", bundle, "--height", "128", *out), "converted for 64x64")
-    one_line_error(generate(PROMPT, "--bundle", bundle, "--init-image", str(tmp_path / "missing.png"), *out), "cannot read init image")
+    one_line_error(generate(PROMPT, "--bundle", bundle, "--init-image", str(tmp_path / "missing.png"), *out),
+                   "cannot read init image")
     (tmp_path / "junk.png").write_text("not an image")
-    one_line_error(generate(PROMPT, "--bundle", bundle, "--init-image", str(tmp_path / "junk.png"), *out), "cannot read init image")
+    one_line_error(generate(PROMPT, "--bundle", bundle, "--init-image", str(tmp_path / "junk.png"), *out),
+                   "cannot read init image")
     result = generate(PROMPT, "--bundle", bundle, "--scheduler", "heun", *out)
     assert result.exit_code == 2 and "heun" in result.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -288,13 +293,16 @@ def test_img2img_needs_a_vae_encoder(tiny_bundle, tmp_path):
     bundle = tiny_bundle("sd1", "split-einsum", components=("text-encoder", "unet", "vae-decoder"))
     init = tmp_path / "init.png"
     Image.new("RGB", (64, 64)).save(init)
-    one_line_error(generate(PROMPT, "--bundle", str(bundle), "--init-image", str(init), "-o", str(tmp_path)), "VAEEncoder", "vae-encoder")
+    one_line_error(generate(PROMPT, "--bundle", str(bundle), "--init-image", str(init), "-o", str(tmp_path)),
+                   "VAEEncoder", "vae-encoder")
     # Through the API, a request checked against a bundle that has one, run by a pipeline that has not.
     from coreml_sd.runtime.bundle import BundleError, open_bundle
     from coreml_sd.runtime.pipeline import Pipeline, check_request
 
     request = check_request(open_bundle(tiny_bundle("sd1", "split-einsum")), PROMPT, init_image=Image.open(init))
-    with pytest.raises(BundleError, match=r"the bundle has no VAEEncoder; image-to-image needs VAEEncoder \(convert with --components vae-encoder\)$"):
+    with pytest.raises(BundleError,
+                       match=r"the bundle has no VAEEncoder; image-to-image needs VAEEncoder "
+                             r"\(convert with --components vae-encoder\)$"):
         Pipeline(open_bundle(bundle), backend="mil").generate(request)
 
 

@@ -131,7 +131,8 @@ def test_save_without_hard_links(tmp_path, monkeypatch):
 
 
 def test_batch_files_are_numbered(tmp_path):
-    names = [save_png(Image.new("RGB", (2, 2)), Parameters("x", "", 1, "ddim", 7.5, 9, 2, 2, "m", batch_size=2, batch_pos=i), tmp_path).name
+    names = [save_png(Image.new("RGB", (2, 2)), Parameters("x", "", 1, "ddim", 7.5, 9, 2, 2, "m", batch_size=2, batch_pos=i),
+                      tmp_path).name
              for i in range(2)]
     assert names == ["x-9-1of2.png", "x-9-2of2.png"]
 

@@ -247,7 +247,8 @@ def test_coreml_backend_agrees_with_mil(tiny_bundle, units):
     rng = np.random.default_rng(0)
     for name in ("TextEncoder", "Unet", "VAEDecoder", "VAEEncoder"):
         mil = load_model(bundle / f"{name}.mlpackage", "mil")
-        feeds = {n: (np.full(d.shape, 49407.0, np.float32) if n == "input_ids" else rng.standard_normal(d.shape).astype(np.float32))
+        feeds = {n: (np.full(d.shape, 49407.0, np.float32) if n == "input_ids"
+                     else rng.standard_normal(d.shape).astype(np.float32))
                  for n, d in mil.inputs.items()}
         core = load_model(bundle / f"{name}.mlpackage", "coreml", compute_units=units)
         a, b = core.predict(feeds), mil.predict(feeds)

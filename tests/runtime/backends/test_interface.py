@@ -75,7 +75,8 @@ def test_invalid_inputs_are_named_in_one_line(backend, change, message, mixed_pa
 def test_inputs_must_be_a_mapping(backend, mixed_package):
     model = load_model(mixed_package, backend=backend)
     for given, kind in ((list(VALID.values()), "list"), (None, "NoneType"), (VALID["x"], "ndarray")):
-        with pytest.raises(BackendError, match=rf"^Mixed.mlpackage: inputs must be a mapping of input name to array, not {kind}$"):
+        with pytest.raises(BackendError,
+                           match=rf"^Mixed.mlpackage: inputs must be a mapping of input name to array, not {kind}$"):
             model.predict(given)
 
 
@@ -141,7 +142,9 @@ def _damaged(package, tmp_path, relative: str, keep: float):
 def test_truncated_weights_name_the_package(weighted_package, tmp_path):
     damaged = _damaged(weighted_package, tmp_path, "Data/com.apple.CoreML/weights/weight.bin", 0.5)
     describe_model(damaged)  # the description lives in model.mlmodel, intact
-    with pytest.raises(BackendError, match=rf"^{damaged}: its program or weights cannot be read .*re-convert it \(or download it again\)$") as error:
+    with pytest.raises(BackendError,
+                       match=rf"^{damaged}: its program or weights cannot be read "
+                             r".*re-convert it \(or download it again\)$") as error:
         load_model(damaged, backend="mil")
     assert "\n" not in str(error.value)
 
@@ -149,7 +152,8 @@ def test_truncated_weights_name_the_package(weighted_package, tmp_path):
 def test_truncated_program_names_the_package(weighted_package, tmp_path):
     damaged = _damaged(weighted_package, tmp_path, "Data/com.apple.CoreML/model.mlmodel", 0.5)
     for load in (describe_model, lambda p: load_model(p, backend="mil")):
-        with pytest.raises(BackendError, match=rf"^{damaged}: not a readable Core ML package .*re-convert it \(or download it again\)$"):
+        with pytest.raises(BackendError,
+                           match=rf"^{damaged}: not a readable Core ML package .*re-convert it \(or download it again\)$"):
             load(damaged)
 
 

@@ -235,7 +235,8 @@ def _compress(model, how: str, **config):
     model palettized keeping its sparsity). Weights of >= 256 elements only."""
     import coremltools.optimize.coreml as cto
 
-    kinds = {"palettize": (cto.palettize_weights, cto.OpPalettizerConfig), "quantize": (cto.linear_quantize_weights, cto.OpLinearQuantizerConfig),
+    kinds = {"palettize": (cto.palettize_weights, cto.OpPalettizerConfig),
+             "quantize": (cto.linear_quantize_weights, cto.OpLinearQuantizerConfig),
              "prune": (cto.prune_weights, cto.OpMagnitudePrunerConfig)}
     joint = config.pop("joint", None)
     if joint:
@@ -246,7 +247,8 @@ def _compress(model, how: str, **config):
 
 
 def _constexpr_ops(model) -> set[str]:
-    return {op.op_type for f in model._mil_program.functions.values() for op in f.operations if op.op_type.startswith("constexpr_")}
+    return {op.op_type for f in model._mil_program.functions.values() for op in f.operations
+            if op.op_type.startswith("constexpr_")}
 
 
 def _check_decompression(dense, compressed, ops: set[str], feeds: dict, tmp_path) -> None:
@@ -292,7 +294,8 @@ COMPRESSIONS_IOS18 = {
                           {"constexpr_lut_to_dense", "constexpr_blockwise_shift_scale"}),
     "int4-blockwise": ("quantize", {"mode": "linear", "dtype": "int4", "granularity": "per_block", "block_size": 16},
                        {"constexpr_blockwise_shift_scale"}),
-    "sparse-lut": ("palettize", {"mode": "uniform", "nbits": 4, "joint": True}, {"constexpr_lut_to_sparse", "constexpr_sparse_to_dense"}),
+    "sparse-lut": ("palettize", {"mode": "uniform", "nbits": 4, "joint": True},
+                   {"constexpr_lut_to_sparse", "constexpr_sparse_to_dense"}),
 }
 
 

@@ -86,7 +86,8 @@ CASES = [
     ("batch_norm", {"x": A, "mean": M[:, 0].copy(), "variance": POS[0, :, 0, 0].copy(), "gamma": B[0, :, 0, 0].copy(),
                     "beta": A[1, :, 1, 1].copy(), "epsilon": 1e-3}),
     ("instance_norm", {"x": A, "gamma": B[0, :, 0, 0].copy(), "beta": A[1, :, 1, 1].copy(), "epsilon": 1e-3}),
-    ("layer_norm", {"x": A, "axes": np.array([2, 3], np.int32), "gamma": B[0, 0].copy(), "beta": A[1, 1].copy(), "epsilon": 1e-3}),
+    ("layer_norm", {"x": A, "axes": np.array([2, 3], np.int32), "gamma": B[0, 0].copy(), "beta": A[1, 1].copy(),
+                    "epsilon": 1e-3}),
     # The two equation forms MIL's einsum accepts, as the converter emits them for split-einsum.
     ("einsum", {"values": (B[:, :, :1].transpose(0, 3, 2, 1).copy(), A[:, :, :1]), "equation": "bkhc,bchq->bkhq"}),
     ("einsum", {"values": (M[None], rng.standard_normal((4, 3, 2)).astype(np.float32)), "equation": "abc,cbd->abd"}),
@@ -180,7 +181,9 @@ def test_conv_padding_modes_match_torch():
 
 
 def test_every_kernel_is_tested_here():
-    covered = {op for op, _ in CASES} | {"conv", "identity", "mod", "logical_or", "logical_xor", "tan", "scaled_dot_product_attention"}
+    covered = {op for op, _ in CASES} | {
+        "conv", "identity", "mod", "logical_or", "logical_xor", "tan", "scaled_dot_product_attention"
+    }
     assert set(KERNELS) <= covered, sorted(set(KERNELS) - covered)
 
 
