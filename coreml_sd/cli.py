@@ -8,6 +8,9 @@ and imports heavy dependencies (torch, coremltools) inside the command body, so 
 from __future__ import annotations
 
 import importlib
+import signal
+import sys
+import threading
 
 import click
 
@@ -23,7 +26,26 @@ _COMMANDS = (
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Ctrl-C works, and exits 130, in every command, however the process was started."""
+
+    def main(self, *args, **kwargs):
+        # A shell without job control (a script, CI) starts `cmd &` with SIGINT ignored, and
+        # Python then leaves it ignored: a Ctrl-C sent to the process group would be lost, and a
+        # child process (bench's) would inherit the ignore. Python's own handler is put back.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        return super().main(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:  # a command without its own handler: no "Aborted!" and exit 1
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="coreml-sd")
 def main() -> None:
     """Stable Diffusion on Apple Silicon: convert to Core ML once, generate fast."""

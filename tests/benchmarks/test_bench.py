@@ -208,15 +208,23 @@ def test_ctrl_c_keeps_the_finished_configurations(record, tiny_bundle, tmp_path,
     assert [r["compute_units"] for r in data["results"]] == ["CPU_AND_NE"]
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT")
-def test_ctrl_c_before_anything_finished_writes_nothing(tiny_bundle, tmp_path):
+@pytest.mark.parametrize("started_with", ["sigint-default", "sigint-ignored"])
+def test_ctrl_c_before_anything_finished_writes_nothing(tiny_bundle, tmp_path, started_with):
     """A real Ctrl-C (SIGINT to the process group, as a terminal sends it) while the only
-    configuration runs: bench and its child end, one line says nothing was written, exit 130."""
+    configuration runs: bench and its child end, one line says nothing was written, exit 130.
+    Also when started as a shell without job control starts `cmd &` (CI, scripts): with SIGINT
+    ignored, which Python and bench's child would otherwise inherit and keep."""
     out = tmp_path / "x.json"
     bundle = tiny_bundle("sd1", "split-einsum")
     proc = subprocess.Popen([*coreml_sd_command(), "bench", "--bundle", str(bundle), "--backend", "mil",
                              "--steps", "50", "--runs", "50", "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_ignore_sigint if started_with == "sigint-ignored" else None)
     try:
         for line in proc.stderr:
             if line.startswith("[mil CPU_ONLY] imported"):  # the child is measuring
