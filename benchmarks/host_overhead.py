@@ -18,6 +18,7 @@ import json
 import platform
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from coreml_sd.convert.converter import ConvertOptions, Progress, convert
@@ -54,7 +55,20 @@ def main() -> None:
             rows.append({"scheduler": name, "rng": rng, "host_ms_per_step": round(host, 3),
                          "unet_ms_per_step": round(unet, 1), "host_share": round(share, 5)})
             print(f"{name:18s} {rng:6s} {host:12.3f} {unet:12.1f} {share:10.2%}")
-    record = {"benchmark": "host_overhead", "latents": [64, 64], "steps": args.steps, "backend": "mil",
+    # What the removed noise-prefetch thread used to hide: one torch-compatible draw of the
+    # latents' shape, timed alone in this same run (the euler-a / lcm rows include it).
+    from coreml_sd.runtime.random import TorchRandom
+
+    draws = []
+    rng = TorchRandom(0)
+    for _ in range(200):
+        t = time.perf_counter()
+        rng.randn((1, 4, 64, 64))
+        draws.append(time.perf_counter() - t)
+    draw_ms = statistics.median(draws) * 1000
+    print(f"one torch-compatible (1, 4, 64, 64) noise draw: {draw_ms:.3f} ms")
+    record = {"benchmark": "host_overhead", "noise_draw_ms": round(draw_ms, 3), "latents": [64, 64],
+              "steps": args.steps, "backend": "mil",
               "torch_rng_variant": detect_variant(), "machine": platform.platform(), "rows": rows, "tools": tool_versions()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=2) + "\n")
