@@ -140,10 +140,12 @@ def _architectures(source_id: str, components: tuple[ComponentSpec, ...], config
     return architectures
 
 
-def _image_side(name: str, requested: int | None, native: int | None, vae_scale: int, unet_factor: int) -> int:
+def _image_side(name: str, requested: int | None, native: int | None, fam: Family, unet_factor: int) -> int:
     """One side of the image in pixels: as requested, else the model's native size."""
+    vae_scale = fam.vae_scale
     if requested is None and native is None:
-        raise ConvertError(f"the UNet config gives no sample_size: pass --{name}")
+        usual = fam.default_size[0 if name == "height" else 1]
+        raise ConvertError(f"the UNet config gives no sample_size: pass --{name} ({fam.label} models are usually {usual})")
     side = native if requested is None else requested
     if side <= 0 or side % vae_scale:
         raise ConvertError(f"--{name} {side}: the image side must be a positive multiple of {vae_scale} (the VAE's scale)")
@@ -172,8 +174,8 @@ def _geometry(source_id: str, fam: Family, opts: ConvertOptions, unet: dict[str,
     scale = fam.vae_scale
     unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
     native = _native_size(source_id, unet.get("sample_size"), scale)
-    height = _image_side("height", opts.height, native and native[0], scale, unet_factor)
-    width = _image_side("width", opts.width, native and native[1], scale, unet_factor)
+    height = _image_side("height", opts.height, native and native[0], fam, unet_factor)
+    width = _image_side("width", opts.width, native and native[1], fam, unet_factor)
     if opts.unet_batch not in (1, 2):
         raise ConvertError(f"UNet batch {opts.unet_batch}: use 2 (default) or 1 (--unet-batch-one)")
     geometry = Geometry(height, width, opts.unet_batch, unet["cross_attention_dim"], vae_scale=scale,

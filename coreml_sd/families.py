@@ -107,7 +107,7 @@ class Family:
     components: tuple[ComponentSpec, ...]  # in conversion order
     required: tuple[str, ...]  # the models every text-to-image run needs
     conditioning: Conditioning
-    default_size: tuple[int, int]  # (height, width) pixels, where the UNet's config gives none
+    default_size: tuple[int, int]  # (height, width) pixels the family's models are usually trained at
     vae_scale: int = 8  # image side / latent side
     latent_channels: int = 4
     vae_scaling_factor: float = 0.18215  # diffusers' default, for a pipeline without a VAE config
@@ -171,26 +171,26 @@ SD_COMPONENTS = (
     ComponentSpec("VAEDecoder", "vae-decoder", "vae", "VAE decoder: latents to image", _vae_decoder_io),
     ComponentSpec("VAEEncoder", "vae-encoder", "vae", "VAE encoder: image to latent moments", _vae_encoder_io),
 )
-_SD_REQUIRED = ("TextEncoder", "Unet", "VAEDecoder")
 
-SD1 = Family(
-    name="sd1",
-    label="Stable Diffusion 1.x",
-    components=SD_COMPONENTS,
-    required=_SD_REQUIRED,
-    conditioning=Conditioning((TextEncoderUse("TextEncoder", "last_hidden_state", END_OF_TEXT),)),
-    default_size=(512, 512),
-)
+
+
+def _stable_diffusion(name: str, label: str, pad_token: str, default_size: tuple[int, int]) -> Family:
+    """SD 1.x and 2.x: one CLIP encoder, the same four components."""
+    return Family(
+        name=name,
+        label=label,
+        components=SD_COMPONENTS,
+        required=("TextEncoder", "Unet", "VAEDecoder"),
+        conditioning=Conditioning((TextEncoderUse("TextEncoder", "last_hidden_state", pad_token),)),
+        default_size=default_size,
+    )
+
+
+SD1 = _stable_diffusion("sd1", "Stable Diffusion 1.x", END_OF_TEXT, (512, 512))
 # SD 2.x conditions on OpenCLIP's penultimate layer; its published text encoder config already
 # stops there (num_hidden_layers 23 of 24), so the converted model's last_hidden_state is it.
-SD2 = Family(
-    name="sd2",
-    label="Stable Diffusion 2.x",
-    components=SD_COMPONENTS,
-    required=_SD_REQUIRED,
-    conditioning=Conditioning((TextEncoderUse("TextEncoder", "last_hidden_state", OPEN_CLIP_PAD),)),
-    default_size=(768, 768),
-)
+# Its default size is that of the 768 v-prediction models; SD 2 base is 512.
+SD2 = _stable_diffusion("sd2", "Stable Diffusion 2.x", OPEN_CLIP_PAD, (768, 768))
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2)}
 # Every component any family has, by its --components name, in conversion order.
