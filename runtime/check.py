@@ -182,15 +182,16 @@ def check(bundle, backend, no_run):
         except BackendError as exc:
             raise click.ClickException(str(exc)) from None
     found, hashed = Findings(), None
-    try:
-        if (root / MANIFEST).exists():
+    if (root / MANIFEST).exists():
+        try:
             files = manifest_files(root)
-            check_files(root, files, found, log)
-            hashed = len(files)
-        else:
-            log(f"no {MANIFEST}: an Apple-layout bundle carries no hashes, so only its models are checked")
-    except BundleError as exc:  # no manifest to check against
-        raise click.ClickException(str(exc)) from None
+        except BundleError as exc:  # nothing to check the files against
+            raise click.ClickException(str(exc)) from None
+        check_files(root, files, found, log)
+        hashed = len(files)
+    elif no_run:
+        raise click.ClickException(f"{root}: no {MANIFEST}, so there are no hashes to check; "
+                                   "drop --no-run to run its models")
     ran = []
     if not no_run:
         try:
@@ -201,6 +202,8 @@ def check(bundle, backend, no_run):
             found.unopened = str(exc)
             log(f"cannot run the models: {exc}")
         else:
+            if hashed is None:
+                log(f"{opened.layout} layout: no {MANIFEST}, so there are no hashes to check; running its models only")
             # A model with a damaged or missing file is not run: the hashes already condemn it.
             broken = {rel.split("/", 1)[0] for rel in found.missing + found.damaged}
             skip = {name for name, f in opened.models.items()

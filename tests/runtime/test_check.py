@@ -127,8 +127,12 @@ def test_an_apple_layout_has_no_hashes_but_its_models_run(tiny_bundle, tmp_path)
         shutil.copy(ours / name, packages / name)
     result = check(str(packages), "--backend", "mil")
     assert result.exit_code == 0, result.output
-    assert f"no {MANIFEST}: an Apple-layout bundle carries no hashes, so only its models are checked" in result.stderr
+    assert result.stderr.splitlines()[0] == (
+        f"apple-packages layout: no {MANIFEST}, so there are no hashes to check; running its models only")
     assert result.stdout.splitlines() == ["bundle OK: no hashes to check; 3 models ran with finite outputs (mil backend)"]
+    hashes_only = check(str(packages), "--no-run")
+    assert hashes_only.exit_code == 1 and hashes_only.output.splitlines() == [
+        f"Error: {packages}: no {MANIFEST}, so there are no hashes to check; drop --no-run to run its models"]
 
 
 def test_not_a_bundle_is_one_line(tmp_path):
