@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import click
@@ -34,20 +35,54 @@ def _cannot_write(path: Path) -> str | None:
         return f"{ancestor} is not a folder"
     if not os.access(ancestor, os.W_OK | os.X_OK):
         return f"{ancestor} is not writable"
+    try:  # os.access trusts permission bits; root, read-only mounts and /proc-like folders differ
+        tempfile.TemporaryFile(dir=ancestor).close()
+    except OSError as exc:
+        return f"{ancestor} is not writable ({exc.strerror or exc})"
     return None
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Write a derived file (report, plot) whole, creating its folder; one-line error otherwise."""
-    if why := _cannot_write(path):
-        raise click.ClickException(f"cannot write {path}: {why}; choose another path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` name one file: the same resolved path (links followed), or hard links."""
+    if a.resolve() == b.resolve():
+        return True
     try:
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist
+        return False
+
+
+def _check_outputs(outputs: dict[str, tuple[Path | None, str]], inputs: list[Path]) -> None:
+    """Refuse, before anything is written, an output that cannot be written whole or that would
+    replace an input or another output; the one-line error names the option. ``outputs``: option
+    -> (path or None, an example file name)."""
+    given = [(option, path, example) for option, (path, example) in outputs.items() if path is not None]
+    for option, path, example in given:
+        if path.is_dir():
+            raise click.ClickException(f"{option} {path} is a folder; give a file path, e.g. {path / example}")
+        if any(_same_file(path, f) for f in inputs):
+            raise click.ClickException(f"{option} {path} is one of the input files; write to another path "
+                                       "(inputs are never overwritten)")
+        if why := _cannot_write(path):
+            raise click.ClickException(f"{option} {path} cannot be written: {why}; choose another path")
+    for i, (option, path, _) in enumerate(given):
+        for other, other_path, _ in given[i + 1:]:
+            if _same_file(path, other_path):
+                raise click.ClickException(f"{option} and {other} are the same file {path}; give them different paths")
+
+
+def _write(path: Path, data: bytes, option: str) -> None:
+    """Write a derived file (report, plot) whole, creating its folder; one-line error otherwise."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise click.ClickException(f"{option} {path} cannot be written: {exc.strerror or exc}; choose another path") from None
 
 
 @click.command()
@@ -108,21 +143,19 @@ def report(files, out, plot_path):
     """Put many benchmark records side by side in a markdown report."""
     from .report import PlotError, build_report, load_records, plot
 
-    for path in filter(None, (out, plot_path)):
-        if why := _cannot_write(path):
-            raise click.ClickException(f"cannot write {path}: {why}; choose another path")
+    _check_outputs({"-o": (out, "report.md"), "--plot": (plot_path, "plot.png")}, list(files))
     records, invalid = load_records(list(files))
     for message in invalid:
         click.echo(f"skipped: {message}", err=True)
     if not records:
         raise click.ClickException("no valid benchmark record among the files given")
     text, rows = build_report(records, invalid)
-    _write(out, (text + "\n").encode())  # UTF-8 whatever the locale: the report has ★, – and →
+    _write(out, (text + "\n").encode(), "-o")  # UTF-8 whatever the locale: the report has ★, – and →
     click.echo(str(out))
     if plot_path:
         try:
             png = plot(rows)
         except PlotError as exc:
             raise click.ClickException(str(exc)) from None
-        _write(plot_path, png)  # whole or not at all, like the report
+        _write(plot_path, png, "--plot")  # whole or not at all, like the report
         click.echo(str(plot_path))

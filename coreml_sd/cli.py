@@ -20,6 +20,7 @@ from . import __version__
 _COMMANDS = (
     ("coreml_sd.convert.cli", "convert"),
     ("coreml_sd.runtime.cli", "generate"),
+    ("coreml_sd.runtime.check", "check"),
     ("coreml_sd.benchmarks.cli", "bench"),
     ("coreml_sd.benchmarks.cli", "report"),
     ("coreml_sd.demo", "demo"),

@@ -28,7 +28,7 @@ def test_unknown_command_fails() -> None:
 
 
 def test_every_command_is_registered() -> None:
-    assert set(main.commands) == {"convert", "generate", "bench", "report", "demo"}
+    assert set(main.commands) == {"convert", "generate", "check", "bench", "report", "demo"}
 
 
 def test_a_missing_command_module_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:

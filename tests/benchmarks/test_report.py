@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -146,13 +147,74 @@ def test_report_with_no_valid_file_fails(tmp_path):
     assert not (tmp_path / "r.md").exists()
 
 
-def test_report_paths_that_cannot_be_written(linux, tmp_path):
-    (tmp_path / "file").write_text("")
-    for args in (["-o", str(tmp_path / "file" / "r.md")],
-                 ["-o", str(tmp_path / "r.md"), "--plot", str(tmp_path / "file" / "p.png")]):
-        result = CliRunner().invoke(main, ["report", str(linux), *args])
-        assert result.exit_code == 1 and "is not a folder" in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "r.md").exists()
+def _unwritable_folder(tmp_path: Path) -> Path:
+    """A folder no file can be created in: permission bits for a user, /proc for root (who
+    ignores permission bits; on Linux)."""
+    if os.geteuid() == 0:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("running as root without /proc: no folder here refuses a new file")
+        return Path("/proc")
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(root).as_posix(): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+# (arguments after the record r.json, with {t} for the test's folder; the one error line)
+_REFUSED = {
+    "-o is the input": (["-o", "{t}/r.json"], "Error: -o {t}/r.json is one of the input files; write to another path "
+                        "(inputs are never overwritten)"),
+    "--plot is the input, spelled otherwise": (
+        ["-o", "{t}/r.md", "--plot", "{t}/sub/../r.json"],
+        "Error: --plot {t}/sub/../r.json is one of the input files; write to another path (inputs are never overwritten)"),
+    "-o is a link to the input": (["-o", "{t}/link.md"], "Error: -o {t}/link.md is one of the input files; write to "
+                                  "another path (inputs are never overwritten)"),
+    "-o is a folder": (["-o", "{t}/sub"], "Error: -o {t}/sub is a folder; give a file path, e.g. {t}/sub/report.md"),
+    "--plot is a folder": (["-o", "{t}/r.md", "--plot", "{t}/sub"],
+                           "Error: --plot {t}/sub is a folder; give a file path, e.g. {t}/sub/plot.png"),
+    "-o under a file": (["-o", "{t}/file/new/r.md"],
+                        "Error: -o {t}/file/new/r.md cannot be written: {t}/file is not a folder; choose another path"),
+    "--plot under a file": (["-o", "{t}/r.md", "--plot", "{t}/file/p.png"],
+                            "Error: --plot {t}/file/p.png cannot be written: {t}/file is not a folder; choose another path"),
+    "-o and --plot the same": (["-o", "{t}/r.md", "--plot", "{t}/./r.md"],
+                               "Error: -o and --plot are the same file {t}/r.md; give them different paths"),
+}
+
+
+@pytest.mark.parametrize("case", _REFUSED)
+def test_report_refuses_outputs_before_writing_anything(linux, tmp_path, case):
+    """An output that would replace an input or another output, or that cannot be written (a
+    folder, a path under a file), is refused in one line naming the option, before anything is
+    written: every file stays as it was."""
+    (tmp_path / "r.json").write_bytes(linux.read_bytes())
+    (tmp_path / "link.md").symlink_to(tmp_path / "r.json")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    before = _tree(tmp_path)
+    args, line = _REFUSED[case]
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "r.json"), *(a.format(t=tmp_path) for a in args)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.splitlines() == [line.format(t=tmp_path)]
+    assert _tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("option", ["-o", "--plot"])
+def test_report_refuses_an_unwritable_folder_before_writing_anything(linux, tmp_path, option):
+    locked = _unwritable_folder(tmp_path)
+    (tmp_path / "r.json").write_bytes(linux.read_bytes())
+    target = locked / "out.file"
+    args = ["-o", str(target)] if option == "-o" else ["-o", str(tmp_path / "r.md"), "--plot", str(target)]
+    before = _tree(tmp_path)
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "r.json"), *args])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [line] = result.output.splitlines()
+    assert line.startswith(f"Error: {option} {target} cannot be written: {locked} is not writable")
+    assert line.endswith("; choose another path")
+    assert _tree(tmp_path) == before and not target.exists()
 
 
 def test_plot_of_records_where_every_configuration_failed(linux, tmp_path):
