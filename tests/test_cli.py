@@ -31,6 +31,20 @@ def test_every_command_is_registered() -> None:
     assert set(main.commands) == {"convert", "generate", "check", "bench", "report", "demo"}
 
 
+def test_ctrl_c_in_a_command_without_its_own_handler_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not click's "Aborted!" and exit 1: a shell reads 130 as "stopped by SIGINT"."""
+    import coreml_sd.benchmarks.report as report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "load_records", interrupted)
+    (tmp_path / "r.json").write_text("{}")
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "r.json"), "-o", str(tmp_path / "r.md")])
+    assert result.exit_code == 130
+    assert result.output.strip() == "interrupted" and "Aborted" not in result.output
+
+
 def test_a_missing_command_module_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     """A broken tree or install must not ship a `coreml-sd` that silently lacks a command."""
     import coreml_sd.cli as cli
