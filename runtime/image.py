@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,13 +146,16 @@ def save_png(image: Image.Image, params: Parameters, directory: Path) -> Path:
     stem = f"{slug(params.prompt)}-{params.seed}"
     if params.batch_size > 1:
         stem += f"-{params.batch_pos + 1}of{params.batch_size}"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    # Not mkstemp: its files are always 0600, and the link below would keep that mode; a file
+    # created with 0666 gets what the umask leaves (0644 under 022), as any new file should.
+    tmp = directory / f".tmp-{secrets.token_hex(8)}.png"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         for n in range(1, 10_000):
             target = directory / (f"{stem}.png" if n == 1 else f"{stem}-{n}.png")
-            if _claim(Path(tmp), target):
+            if _claim(tmp, target):
                 return target
         raise OSError(f"no free file name for {stem} in {directory}")
     finally:
@@ -167,7 +171,7 @@ def _claim(tmp: Path, target: Path) -> bool:
         return False
     except OSError:  # a file system without hard links: exclusive create, then copy
         try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             return False
         with os.fdopen(fd, "wb") as out:

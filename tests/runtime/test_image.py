@@ -130,6 +130,27 @@ def test_save_without_hard_links(tmp_path, monkeypatch):
     assert (tmp_path / "a-cat-sitting-42.png").read_bytes() == b"keep me"
 
 
+@pytest.fixture
+def umask():
+    """Factory: ``umask(mask)`` sets the process umask for the test; the old one is restored after."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-links"])
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)], ids=["022", "027", "002"])
+def test_saved_files_follow_the_umask(tmp_path, monkeypatch, umask, links, mask, mode):
+    if not links:
+        def no_links(src, dst):
+            raise PermissionError("links not supported")
+
+        monkeypatch.setattr(img.os, "link", no_links)
+    umask(mask)
+    path = save_png(Image.new("RGB", (2, 2)), PARAMS, tmp_path)
+    assert path.stat().st_mode & 0o777 == mode
+
+
 def test_batch_files_are_numbered(tmp_path):
     names = [save_png(Image.new("RGB", (2, 2)), Parameters("x", "", 1, "ddim", 7.5, 9, 2, 2, "m", batch_size=2, batch_pos=i),
                       tmp_path).name
