@@ -26,7 +26,7 @@ from ..contract import (
     read_manifest,
     verify_files,
 )
-from ..families import FAMILIES, SD1, SD2, Family
+from ..families import COMPONENTS, FAMILIES, SD1, SD2, Family
 
 __all__ = ["Bundle", "BundleError", "ModelFiles", "describe_shapes", "open_bundle", "verify_cached"]
 
@@ -85,15 +85,34 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     folder of ``.mlmodelc`` with ``vocab.json`` and ``merges.txt``), detected automatically.
     ``verify`` checks every file of ours against its sha256 (cached per file size and mtime)."""
     root = Path(path).expanduser()
+    if root.exists() and not root.is_dir():
+        raise BundleError(f"{root} is a file, not a bundle; pass the bundle's folder (the one 'coreml-sd convert' wrote)")
     if not root.is_dir():
         raise BundleError(f"{root}: no such bundle directory; convert one with 'coreml-sd convert'")
+    staging = re.fullmatch(r"\.(.+)\.partial", _absolute(root).name)  # convert's staging folder, see convert/bundle.py
+    if staging:
+        raise BundleError(f"{root} is an unfinished conversion (the staging folder of {staging.group(1)!r}); finish it by "
+                          "running the same 'coreml-sd convert' command again")
     if (root / MANIFEST).exists():
         return _open_ours(root, verify)
+    ours = sorted(name for name in _OUR_PACKAGES if (root / name).exists())
+    if ours:  # Apple's packages have long names; bare-named packages are only ever ours
+        raise BundleError(f"{root} has coreml-sd models ({', '.join(ours)}) but no {MANIFEST}: it is damaged or incomplete; "
+                          "re-run 'coreml-sd convert'")
     if any(root.glob("*.mlmodelc")):
         return _open_apple(root, "apple-compiled")
     if any(root.glob("*.mlpackage")):
         return _open_apple(root, "apple-packages")
     raise BundleError(f"{root}: neither a coreml-sd bundle (manifest.json) nor a folder of Core ML models")
+
+
+# The package names our bundles use ("Unet.mlpackage"); Apple's carry a long prefix.
+_OUR_PACKAGES = {f"{c.name}.mlpackage" for c in COMPONENTS.values()}
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute without resolving symlinks, as the shell spells it ("." has a name)."""
+    return Path(os.path.abspath(path))
 
 
 def _open_ours(root: Path, verify: bool) -> Bundle:

@@ -210,3 +210,47 @@ def test_damaged_manifest_is_a_one_line_cli_error(damaged, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("Error: ") and "'vae'" in line and "re-convert" in line
+
+
+# ------------------------------------------------------------------ what a wrong --bundle is told
+
+
+def _cli_error(bundle: Path, tmp_path: Path) -> str:
+    """The one line ``coreml-sd generate --bundle bundle`` fails with (exit 1, no traceback)."""
+    result = CliRunner().invoke(main, ["generate", "a cat", "--bundle", str(bundle), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("Error: ")
+    return line.removeprefix("Error: ")
+
+
+def _our_models_without_manifest(root: Path) -> Path:
+    for name in ("TextEncoder", "Unet", "VAEDecoder"):
+        (root / f"{name}.mlpackage" / "Data").mkdir(parents=True)
+    (root / "vocab.json").write_text("{}")
+    return root
+
+
+def test_a_file_is_not_called_missing(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    message = _cli_error(tmp_path / "manifest.json", tmp_path)
+    assert message == (f"{tmp_path / 'manifest.json'} is a file, not a bundle; "
+                       "pass the bundle's folder (the one 'coreml-sd convert' wrote)")
+
+
+def test_staging_folder_is_an_unfinished_conversion(tmp_path, monkeypatch):
+    staging = _our_models_without_manifest(tmp_path / ".sd15.partial")
+    expected = ("is an unfinished conversion (the staging folder of 'sd15'); finish it by running the same "
+                "'coreml-sd convert' command again")
+    assert _cli_error(staging, tmp_path) == f"{staging} {expected}"
+    monkeypatch.chdir(staging)
+    with pytest.raises(BundleError, match=r"^\. is an unfinished conversion \(the staging folder of 'sd15'\)"):
+        open_bundle(".")
+
+
+def test_our_models_without_manifest_are_not_called_missing(tmp_path):
+    bundle = _our_models_without_manifest(tmp_path / "bundle")
+    assert _cli_error(bundle, tmp_path) == (
+        f"{bundle} has coreml-sd models (TextEncoder.mlpackage, Unet.mlpackage, VAEDecoder.mlpackage) but no manifest.json: "
+        "it is damaged or incomplete; re-run 'coreml-sd convert'"
+    )
