@@ -240,9 +240,10 @@ def _open_apple(root: Path, layout: str) -> Bundle:
     if missing:
         raise BundleError(f"{root}: no {', '.join(missing)} model in this {layout} folder; it is not a complete pipeline")
     # Tokenizer files sit beside compiled models; Apple's packages/ folders have none, so look in
-    # the sibling compiled/ folder too.
-    here = root.resolve()  # "." has no parent to look beside
-    candidates = [here, here.parent / "compiled", here.parent]
+    # the sibling compiled/ folder too: beside the folder as given first (a packages/ linked into
+    # a model's folder), then beside the link's target.
+    candidates = [d for here in dict.fromkeys((_absolute(root), root.resolve()))
+                  for d in (here, here.parent / "compiled", here.parent)]
     tokenizer = next((d for d in candidates if (d / VOCAB).is_file() and (d / MERGES).is_file()), None)
     if tokenizer is None:
         raise BundleError(
@@ -257,6 +258,7 @@ def _open_apple(root: Path, layout: str) -> Bundle:
     if hidden is None:
         raise BundleError(f"{root}: the text encoder has no last_hidden_state output (SDXL bundles are not supported)")
     family = SD2 if hidden[-1] == 1024 else SD1
+    _check_tokenizer(tokenizer, family.pad_token)
     name = _apple_name(root, models["Unet"])
     return Bundle(
         path=root,
@@ -274,6 +276,24 @@ def _open_apple(root: Path, layout: str) -> Bundle:
         vae_scaling=family.vae_scaling_factor,
         name=name,
     )
+
+
+def _check_tokenizer(folder: Path, pad_token: str) -> None:
+    """Load the tokenizer files once, as the pipeline will: Apple's layouts have no manifest
+    hashes to catch a damaged or foreign ``vocab.json`` or ``merges.txt`` before that."""
+    from .tokenizer import CLIPTokenizer
+
+    try:
+        CLIPTokenizer.from_files(folder / VOCAB, folder / MERGES, pad_token=pad_token)
+    except (OSError, ValueError, TypeError) as exc:
+        if isinstance(exc, OSError) and exc.filename:
+            reason = f"{Path(exc.filename).name}: {exc.strerror or exc}"
+        elif isinstance(exc, json.JSONDecodeError):
+            reason = f"{VOCAB} is not JSON: {exc.msg} at line {exc.lineno}"
+        else:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(f"{folder}: unreadable CLIP tokenizer files ({reason}); copy {VOCAB} and {MERGES} again "
+                          "from the model's repository (its compiled/ folder)") from None
 
 
 # Folder names in Apple's repositories and app bundles that say nothing about the model.
