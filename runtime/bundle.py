@@ -26,7 +26,7 @@ from ..contract import (
     read_manifest,
     verify_files,
 )
-from ..families import FAMILIES, SD1, SD2, Family
+from ..families import COMPONENTS, FAMILIES, SD1, SD2, Family
 
 __all__ = ["Bundle", "BundleError", "ModelFiles", "describe_shapes", "open_bundle", "verify_cached"]
 
@@ -85,15 +85,34 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
     folder of ``.mlmodelc`` with ``vocab.json`` and ``merges.txt``), detected automatically.
     ``verify`` checks every file of ours against its sha256 (cached per file size and mtime)."""
     root = Path(path).expanduser()
+    if root.exists() and not root.is_dir():
+        raise BundleError(f"{root} is a file, not a bundle; pass the bundle's folder (the one 'coreml-sd convert' wrote)")
     if not root.is_dir():
         raise BundleError(f"{root}: no such bundle directory; convert one with 'coreml-sd convert'")
+    staging = re.fullmatch(r"\.(.+)\.partial", _absolute(root).name)  # convert's staging folder, see convert/bundle.py
+    if staging:
+        raise BundleError(f"{root} is an unfinished conversion (the staging folder of {staging.group(1)!r}); finish it by "
+                          "running the same 'coreml-sd convert' command again")
     if (root / MANIFEST).exists():
         return _open_ours(root, verify)
+    ours = sorted(name for name in _OUR_PACKAGES if (root / name).exists())
+    if ours:  # Apple's packages have long names; bare-named packages are only ever ours
+        raise BundleError(f"{root} has coreml-sd models ({', '.join(ours)}) but no {MANIFEST}: it is damaged or incomplete; "
+                          "re-run 'coreml-sd convert'")
     if any(root.glob("*.mlmodelc")):
         return _open_apple(root, "apple-compiled")
     if any(root.glob("*.mlpackage")):
         return _open_apple(root, "apple-packages")
     raise BundleError(f"{root}: neither a coreml-sd bundle (manifest.json) nor a folder of Core ML models")
+
+
+# The package names our bundles use ("Unet.mlpackage"); Apple's carry a long prefix.
+_OUR_PACKAGES = {f"{c.name}.mlpackage" for c in COMPONENTS.values()}
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute without resolving symlinks, as the shell spells it ("." has a name)."""
+    return Path(os.path.abspath(path))
 
 
 def _open_ours(root: Path, verify: bool) -> Bundle:
@@ -221,9 +240,10 @@ def _open_apple(root: Path, layout: str) -> Bundle:
     if missing:
         raise BundleError(f"{root}: no {', '.join(missing)} model in this {layout} folder; it is not a complete pipeline")
     # Tokenizer files sit beside compiled models; Apple's packages/ folders have none, so look in
-    # the sibling compiled/ folder too.
-    here = root.resolve()  # "." has no parent to look beside
-    candidates = [here, here.parent / "compiled", here.parent]
+    # the sibling compiled/ folder too: beside the folder as given first (a packages/ linked into
+    # a model's folder), then beside the link's target.
+    candidates = [d for here in dict.fromkeys((_absolute(root), root.resolve()))
+                  for d in (here, here.parent / "compiled", here.parent)]
     tokenizer = next((d for d in candidates if (d / VOCAB).is_file() and (d / MERGES).is_file()), None)
     if tokenizer is None:
         raise BundleError(
@@ -238,6 +258,7 @@ def _open_apple(root: Path, layout: str) -> Bundle:
     if hidden is None:
         raise BundleError(f"{root}: the text encoder has no last_hidden_state output (SDXL bundles are not supported)")
     family = SD2 if hidden[-1] == 1024 else SD1
+    _check_tokenizer(tokenizer, family.pad_token)
     name = _apple_name(root, models["Unet"])
     return Bundle(
         path=root,
@@ -255,6 +276,24 @@ def _open_apple(root: Path, layout: str) -> Bundle:
         vae_scaling=family.vae_scaling_factor,
         name=name,
     )
+
+
+def _check_tokenizer(folder: Path, pad_token: str) -> None:
+    """Load the tokenizer files once, as the pipeline will: Apple's layouts have no manifest
+    hashes to catch a damaged or foreign ``vocab.json`` or ``merges.txt`` before that."""
+    from .tokenizer import CLIPTokenizer
+
+    try:
+        CLIPTokenizer.from_files(folder / VOCAB, folder / MERGES, pad_token=pad_token)
+    except (OSError, ValueError, TypeError) as exc:
+        if isinstance(exc, OSError) and exc.filename:
+            reason = f"{Path(exc.filename).name}: {exc.strerror or exc}"
+        elif isinstance(exc, json.JSONDecodeError):
+            reason = f"{VOCAB} is not JSON: {exc.msg} at line {exc.lineno}"
+        else:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(f"{folder}: unreadable CLIP tokenizer files ({reason}); copy {VOCAB} and {MERGES} again "
+                          "from the model's repository (its compiled/ folder)") from None
 
 
 # Folder names in Apple's repositories and app bundles that say nothing about the model.

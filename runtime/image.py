@@ -14,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from .schedulers import SCHEDULERS
 
@@ -98,11 +100,67 @@ def crop_box(image_size: tuple[int, int], target: tuple[int, int]) -> tuple[floa
     return (left, upper, left + cw, upper + ch)
 
 
+class ImageError(ValueError):
+    """An init image that cannot be used (one-line message naming the fix)."""
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An init image file as 8-bit RGB, upright (its EXIF orientation applied, as a phone's
+    viewer shows it), fully read (the file is closed on return); see ``to_rgb`` for the modes."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between its limit and twice it and refuses above; this function refuses
+            # both itself, in one line with the size, instead of printing Pillow's warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if limit is not None and image.width * image.height > limit:
+                    raise ImageError(_too_large(path, f"{image.width}x{image.height} ({_mp(image.width * image.height)})",
+                                                limit))
+                return to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as exc:
+        # Raised while opening, before the image (and its width and height) exists.
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = _mp(int(pixels.group(1))) if pixels else f"over {_mp(2 * limit)}"
+        raise ImageError(_too_large(path, size, limit)) from None
+    except ImageError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot read init image {path}: {exc}") from None
+
+
+def _mp(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g} MP"
+
+
+def _too_large(path, size: str, limit: int) -> str:
+    return (f"init image {path} is {size}, too large to read safely; scale it down below {_mp(limit)} "
+            "(the model uses it at its own size, such as 512x512)")
+
+
+# Integer modes holding 16 bits a sample (16-bit PNG and TIFF, PGM): Pillow's convert("L") clips
+# them at 255, which turns all but the darkest tenth of a percent white.
+_WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as 8-bit RGB: 16-bit samples scaled to 8 bits (65535 -> 255), transparency (an
+    alpha channel, or a palette's or gray image's transparent color) flattened onto white as
+    AUTOMATIC1111 flattens init images, every other mode by Pillow's ``convert``."""
+    if image.mode in _WIDE_MODES:
+        # point() on an "I" image is a linear map; the + 0.5 rounds where it would truncate.
+        image = image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    if image.has_transparency_data:
+        background = Image.new("RGBA", image.size, "white")
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
 def fit_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """``image`` as RGB at ``size`` (height, width), never stretched: scaled to cover that size
-    keeping its aspect ratio and center-cropped (AUTOMATIC1111's "Crop and resize"); an image of
-    the right size is returned as is."""
-    image = image.convert("RGB")
+    """``image`` as RGB (``to_rgb``) at ``size`` (height, width), never stretched: scaled to cover
+    that size keeping its aspect ratio and center-cropped (AUTOMATIC1111's "Crop and resize"); an
+    image of the right size is returned as is."""
+    image = to_rgb(image)
     h, w = size
     if image.size == (w, h):
         return image
@@ -145,13 +203,16 @@ def save_png(image: Image.Image, params: Parameters, directory: Path) -> Path:
     stem = f"{slug(params.prompt)}-{params.seed}"
     if params.batch_size > 1:
         stem += f"-{params.batch_pos + 1}of{params.batch_size}"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    # Not mkstemp: its files are always 0600, and the link below would keep that mode; a file
+    # created with 0666 gets what the umask leaves (0644 under 022), as any new file should.
+    tmp = directory / f".tmp-{secrets.token_hex(8)}.png"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
         for n in range(1, 10_000):
             target = directory / (f"{stem}.png" if n == 1 else f"{stem}-{n}.png")
-            if _claim(Path(tmp), target):
+            if _claim(tmp, target):
                 return target
         raise OSError(f"no free file name for {stem} in {directory}")
     finally:
@@ -167,7 +228,7 @@ def _claim(tmp: Path, target: Path) -> bool:
         return False
     except OSError:  # a file system without hard links: exclusive create, then copy
         try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             return False
         with os.fdopen(fd, "wb") as out:

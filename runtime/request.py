@@ -17,7 +17,8 @@ from PIL import Image
 
 from .backends import default_backend
 from .bundle import Bundle, BundleError
-from .image import fit_image
+from .image import ImageError, fit_image
+from .image import read_image as image_file
 from .random import make_rng
 from .schedulers import SCHEDULER_NAMES, Scheduler, from_config
 
@@ -126,13 +127,11 @@ def make_scheduler(bundle: Bundle, name: str | None) -> Scheduler:
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """An image file, fully read (the file is closed on return)."""
+    """An init image file as ``image.read_image`` reads it (upright, 8-bit RGB)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (OSError, ValueError) as exc:
-        raise GenerationError(f"cannot read init image {path}: {exc}") from None
+        return image_file(path)
+    except ImageError as exc:
+        raise GenerationError(str(exc)) from None
 
 
 def check_setup(bundle: Bundle, backend: str = "auto", precision: str | None = None, names=None,

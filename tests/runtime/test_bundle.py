@@ -210,3 +210,93 @@ def test_damaged_manifest_is_a_one_line_cli_error(damaged, tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("Error: ") and "'vae'" in line and "re-convert" in line
+
+
+# ------------------------------------------------------------------ what a wrong --bundle is told
+
+
+def _cli_error(bundle: Path, tmp_path: Path) -> str:
+    """The one line ``coreml-sd generate --bundle bundle`` fails with (exit 1, no traceback)."""
+    result = CliRunner().invoke(main, ["generate", "a cat", "--bundle", str(bundle), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("Error: ")
+    return line.removeprefix("Error: ")
+
+
+def _our_models_without_manifest(root: Path) -> Path:
+    for name in ("TextEncoder", "Unet", "VAEDecoder"):
+        (root / f"{name}.mlpackage" / "Data").mkdir(parents=True)
+    (root / "vocab.json").write_text("{}")
+    return root
+
+
+def test_a_file_is_not_called_missing(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    message = _cli_error(tmp_path / "manifest.json", tmp_path)
+    assert message == (f"{tmp_path / 'manifest.json'} is a file, not a bundle; "
+                       "pass the bundle's folder (the one 'coreml-sd convert' wrote)")
+
+
+def test_staging_folder_is_an_unfinished_conversion(tmp_path, monkeypatch):
+    staging = _our_models_without_manifest(tmp_path / ".sd15.partial")
+    expected = ("is an unfinished conversion (the staging folder of 'sd15'); finish it by running the same "
+                "'coreml-sd convert' command again")
+    assert _cli_error(staging, tmp_path) == f"{staging} {expected}"
+    monkeypatch.chdir(staging)
+    with pytest.raises(BundleError, match=r"^\. is an unfinished conversion \(the staging folder of 'sd15'\)"):
+        open_bundle(".")
+
+
+def test_our_models_without_manifest_are_not_called_missing(tmp_path):
+    bundle = _our_models_without_manifest(tmp_path / "bundle")
+    assert _cli_error(bundle, tmp_path) == (
+        f"{bundle} has coreml-sd models (TextEncoder.mlpackage, Unet.mlpackage, VAEDecoder.mlpackage) but no manifest.json: "
+        "it is damaged or incomplete; re-run 'coreml-sd convert'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "reason"),
+    [
+        ("vocab.json", b'{"a": 1', "vocab.json is not JSON: Expecting ',' delimiter at line 1"),
+        ("vocab.json", b'{"a": 1}', "start token '<|startoftext|>' is not in the vocabulary"),
+        ("merges.txt", b"#version: 0.2\n\xff\xfe\n", "'utf-8' codec can't decode byte 0xff"),
+        ("merges.txt", b"#version: 0.2\nnospace\n", "malformed merge rule 'nospace'"),
+    ],
+    ids=["vocab-not-json", "vocab-foreign", "merges-not-utf8", "merges-malformed"],
+)
+def test_unreadable_tokenizer_files_are_one_line_errors(tmp_path, clip_vocab_dir, file, content, reason):
+    """Apple's layouts have no manifest hashes, so a damaged tokenizer file used to surface as a
+    traceback when the pipeline loaded it."""
+    resources = write_compiled_resources(tmp_path / "Resources", clip_vocab_dir)
+    (resources / file).write_bytes(content)
+    with pytest.raises(BundleError, match="unreadable CLIP tokenizer files") as caught:
+        open_bundle(resources)
+    assert reason in str(caught.value)
+    message = _cli_error(resources, tmp_path)
+    assert message.startswith(f"{resources}: unreadable CLIP tokenizer files (") and reason in message
+    assert message.endswith("copy vocab.json and merges.txt again from the model's repository (its compiled/ folder)")
+
+
+def test_symlinked_packages_find_the_compiled_folder_beside_the_link(tiny_bundle, tmp_path):
+    """Apple's repositories keep the tokenizer files in compiled/, beside packages/; a packages/
+    that is a symlink (into a download cache, say) looks beside itself before its target."""
+    ours = tiny_bundle("sd1", "split-einsum")
+    store = tmp_path / "cache" / "packages"  # where the link points: no compiled/ beside it
+    store.mkdir(parents=True)
+    for name, sub in (("TextEncoder", "text_encoder"), ("Unet", "unet"), ("VAEDecoder", "vae_decoder")):
+        shutil.copytree(ours / f"{name}.mlpackage", store / f"Stable_Diffusion_version_tiny_sd1_{sub}.mlpackage")
+    repo = tmp_path / "repo"
+    (repo / "compiled").mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(ours / name, repo / "compiled" / name)
+    (repo / "packages").symlink_to(store, target_is_directory=True)
+    bundle = open_bundle(repo / "packages")
+    assert bundle.layout == "apple-packages" and bundle.vocab == repo / "compiled" / "vocab.json"
+    # The target's neighbourhood still counts when the link's has none.
+    shutil.rmtree(repo / "compiled")
+    (store.parent / "compiled").mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(ours / name, store.parent / "compiled" / name)
+    assert open_bundle(repo / "packages").vocab == store.parent / "compiled" / "vocab.json"

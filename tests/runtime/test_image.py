@@ -3,19 +3,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
+from coreml_sd.cli import main
 from coreml_sd.runtime import image as img
 from coreml_sd.runtime.image import (
+    ImageError,
     Parameters,
     crop_box,
     fit_image,
     from_pil,
     prepare_output,
+    read_image,
     read_parameters,
     save_png,
     slug,
@@ -90,6 +95,78 @@ def test_fit_image_crops_the_center_and_never_stretches():
     assert fit_image(same.convert("L"), (16, 32)).mode == "RGB"
 
 
+# ------------------------------------------------------------------ reading init images
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone portrait is stored landscape with EXIF orientation 6 ("rotate 90 degrees clockwise
+    to show"): read upright, as every image viewer shows it."""
+    stored = np.zeros((16, 32, 3), np.uint8)  # 32 wide, 16 high: red top half, blue bottom half
+    stored[:8, :, 0] = 255
+    stored[8:, :, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(stored).save(tmp_path / "portrait.jpg", quality=95, exif=exif)
+    upright = np.asarray(read_image(tmp_path / "portrait.jpg")).astype(int)
+    assert upright.shape == (32, 16, 3)  # 16 wide, 32 high
+    # Turned clockwise, the top (red) is now the right half, the bottom (blue) the left half.
+    assert upright[16, 12].tolist() == pytest.approx([255, 0, 0], abs=12)
+    assert upright[16, 3].tolist() == pytest.approx([0, 0, 255], abs=12)
+
+
+def test_16_bit_gray_is_scaled_to_8_bits(tmp_path):
+    gradient = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+    Image.fromarray(gradient).save(tmp_path / "gray16.png")
+    with Image.open(tmp_path / "gray16.png") as stored:
+        assert stored.mode == "I;16"  # really a 16-bit file
+    rgb = np.asarray(read_image(tmp_path / "gray16.png"))
+    want = np.round(gradient / 257).astype(np.uint8)  # 65535 -> 255
+    assert rgb.dtype == np.uint8
+    for channel in range(3):
+        np.testing.assert_array_equal(rgb[..., channel], want)
+    # A 32-bit integer image holding 16-bit samples (Pillow's "I") reads the same.
+    np.testing.assert_array_equal(np.asarray(fit_image(Image.fromarray(gradient.astype(np.int32)), (32, 32)))[..., 0], want)
+
+
+def test_transparency_is_flattened_onto_white(tmp_path):
+    rgba = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (255, 0, 0, 255))
+    assert np.asarray(fit_image(rgba, (1, 2))).tolist() == [[[255, 255, 255], [255, 0, 0]]]
+    palette = Image.new("P", (2, 1), 0)
+    palette.putpalette([0, 0, 0, 0, 0, 255])
+    palette.putpixel((1, 0), 1)
+    palette.save(tmp_path / "p.png", transparency=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor Pillow's "should be converted to RGBA" warning
+        assert np.asarray(read_image(tmp_path / "p.png")).tolist() == [[[255, 255, 255], [0, 0, 255]]]
+
+
+@pytest.mark.parametrize(("size", "shown"), [((12, 10), "12x10 (0.00012 MP)"), ((15, 15), "0.000225 MP")],
+                         ids=["over-the-limit", "over-twice-the-limit"])
+def test_huge_image_is_a_one_line_error(tmp_path, monkeypatch, size, shown):
+    """Pillow warns (DecompressionBombWarning) above its pixel limit and raises above twice it;
+    a limit of 100 pixels stands in for the default ~89 MP so the test files stay tiny."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", size).save(tmp_path / "huge.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing leaks as a warning
+        with pytest.raises(ImageError) as caught:
+            read_image(tmp_path / "huge.png")
+    assert str(caught.value) == (f"init image {tmp_path / 'huge.png'} is {shown}, too large to read safely; "
+                                 "scale it down below 0.0001 MP (the model uses it at its own size, such as 512x512)")
+
+
+def test_huge_init_image_in_the_cli(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", (15, 15)).save(tmp_path / "huge.png")
+    result = CliRunner().invoke(main, ["generate", "a cat", "--bundle", str(tiny_bundle("sd1", "split-einsum")),
+                                       "--init-image", str(tmp_path / "huge.png"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("Error: init image ") and "too large to read safely; scale it down below" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_output(tmp_path):
     assert prepare_output(tmp_path / "a" / "b").is_dir()
     (tmp_path / "file").write_text("x")
@@ -128,6 +205,27 @@ def test_save_without_hard_links(tmp_path, monkeypatch):
     path = save_png(Image.new("RGB", (4, 4)), PARAMS, tmp_path)
     assert path.name == "a-cat-sitting-42-2.png" and Image.open(path).size == (4, 4)
     assert (tmp_path / "a-cat-sitting-42.png").read_bytes() == b"keep me"
+
+
+@pytest.fixture
+def umask():
+    """Factory: ``umask(mask)`` sets the process umask for the test; the old one is restored after."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-links"])
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)], ids=["022", "027", "002"])
+def test_saved_files_follow_the_umask(tmp_path, monkeypatch, umask, links, mask, mode):
+    if not links:
+        def no_links(src, dst):
+            raise PermissionError("links not supported")
+
+        monkeypatch.setattr(img.os, "link", no_links)
+    umask(mask)
+    path = save_png(Image.new("RGB", (2, 2)), PARAMS, tmp_path)
+    assert path.stat().st_mode & 0o777 == mode
 
 
 def test_batch_files_are_numbered(tmp_path):
