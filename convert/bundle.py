@@ -8,6 +8,9 @@ bundle (``--overwrite``) hard-links the components whose recipe and files still 
 converting them again. Whatever else the staging directory holds when a run opens it (a package
 saved or compiled by a run that stopped before recording it, a temporary file) is removed: only
 recorded components survive an interruption.
+
+One run at a time writes a bundle: a second conversion of the same target is refused while a lock
+file beside the staging folder (``.NAME.lock``) is held, since it would sweep the first run's files.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ def staging_dir(out: Path) -> Path:
     """Where the bundle for ``out`` is built: a hidden sibling, renamed to ``out`` at the end."""
     out = Path(out).absolute()
     return out.parent / f".{out.name}.partial"
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file a conversion into ``out`` holds: beside the staging folder, never inside it
+    (the staging folder becomes the bundle)."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.lock"
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
@@ -88,6 +98,23 @@ def check_output(out: Path, overwrite: bool) -> dict[str, Any] | None:
         ) from None
 
 
+def _take_lock(out: Path):
+    """The lock on converting into ``out``, or a one-line ``OutputError`` naming the run that holds
+    it. A second run is refused, not queued, as git refuses while ``index.lock`` exists: it was most
+    likely started by mistake, and after waiting it would only find the bundle there. The lock is
+    the kernel's (flock), so a killed run never leaves it held."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(lock_path(out)), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputError(
+            f"another conversion is writing {out} (it holds {lock_path(out)}); wait for it to finish or choose another output"
+        ) from None
+    return lock
+
+
 class BundleWriter:
     """The staging folder of a bundle converting the components ``names``, ready on construction.
 
@@ -98,13 +125,24 @@ class BundleWriter:
     unknown, and would both block the next save of that component and slip into the bundle
     unlisted if the next run did not ask for it. Files written for the whole bundle (tokenizer,
     scheduler) are rewritten anyway.
+
+    Construction takes the bundle's lock (``OutputError`` if another run holds it) and so comes
+    before any change to the staging folder; use the writer as a context manager, which releases it.
     """
 
     def __init__(self, out: Path, overwrite: bool, names: set[str]):
         self.out = Path(out).absolute()
         self.staging = staging_dir(self.out)
-        self.previous = check_output(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _take_lock(self.out)
+        try:
+            self._open(overwrite, names)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, overwrite: bool, names: set[str]) -> None:
+        self.previous = check_output(self.out, overwrite)  # under the lock: no other run changes it now
         self.staging.mkdir(exist_ok=True)
         self.done: dict[str, dict[str, Any]] = {}
         record = self.staging / _PROGRESS
@@ -120,6 +158,20 @@ class BundleWriter:
         for path in self.staging.iterdir():
             if path.name != _PROGRESS and path.name not in owned:
                 _remove(path)
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the bundle's lock and remove its file, so that no run leaves a ``.NAME.lock``
+        beside the bundle. The file goes while the lock is still held: a run that opened it just
+        before finds it unlinked once it gets the lock (filelock checks) and starts again."""
+        if self._lock.is_locked:
+            Path(self._lock.lock_file).unlink(missing_ok=True)
+            self._lock.release()
 
     # ------------------------------------------------------------------ components
 

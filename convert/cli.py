@@ -19,7 +19,7 @@ from ..system import INSTALL_CONVERT_EXTRA
 _ATTENTION = ("original", "split-einsum", "split-einsum-v2")
 _DEFAULT_COMPONENTS = ",".join(COMPONENTS)
 # What the `convert` extra of pyproject.toml installs, as imported (torch first: the others need it).
-CONVERT_EXTRA = ("torch", "safetensors", "transformers", "diffusers")
+CONVERT_EXTRA = ("torch", "safetensors", "transformers", "diffusers", "filelock")
 
 
 def require_convert_extra(command: str) -> None:

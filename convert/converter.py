@@ -296,9 +296,9 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
     """Convert ``source`` into the bundle directory ``out``; returns its path."""
     progress = progress or Progress()
     p = plan(source, out, opts)
-    writer = BundleWriter(p.out, p.overwrite, {spec.name for spec in p.components})
-    for spec in p.components:
-        convert_component(p, spec, writer, progress)
-    path = write_manifest(p, writer)
+    with BundleWriter(p.out, p.overwrite, {spec.name for spec in p.components}) as writer:
+        for spec in p.components:
+            convert_component(p, spec, writer, progress)
+        path = write_manifest(p, writer)
     progress.log(f"bundle written to {path} in {time.perf_counter() - progress.start:.1f}s")
     return path

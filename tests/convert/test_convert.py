@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import coremltools as ct
@@ -22,7 +23,7 @@ from coremltools.proto import FeatureTypes_pb2 as ft
 import coreml_sd
 from coreml_sd.cli import main
 from coreml_sd.contract import hash_tree, verify_files
-from helpers import FAMILIES, one_line_error
+from helpers import FAMILIES, coreml_sd_command, one_line_error
 
 ATTENTIONS = ("original", "split-einsum", "split-einsum-v2")
 TEXT_DIM = {"sd1": 32, "sd2": 64}  # the tiny models' text widths (768 / 1024 in real SD 1.x / 2.x)
@@ -333,6 +334,27 @@ def test_a_damaged_manifest_entry_is_reconverted_not_a_crash(tiny_sd1_dir, tmp_p
     assert again.exit_code == 0, again.output
     assert "[vae-decoder] convert done" in again.stderr
     verify_files(out, json.loads((out / "manifest.json").read_text())["files"])
+
+
+def test_a_second_conversion_of_the_same_bundle_is_refused(tiny_sd1_dir, tmp_path):
+    """Two runs into one target used to share the staging folder: the second swept the first's files
+    and both could finish with a bundle failing its own hashes. Now the second is refused in one
+    line, the first finishes a sound bundle, and no lock file is left beside it."""
+    out = tmp_path / "b"
+    args = [str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder"]
+    first = subprocess.Popen([*coreml_sd_command(), "convert", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stderr:  # the first run holds the target once it works on a component
+            if line.startswith("[text-encoder] load"):
+                break
+        second = run(*args)
+        rest = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    one_line_error(second, f"another conversion is writing {out} (it holds {tmp_path / '.b.lock'})", "wait for it to finish")
+    assert first.returncode == 0, rest[1]
+    bundle_is_complete(out, {"TextEncoder", "VAEDecoder"})
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
 
 
 # ------------------------------------------------------------------ refusals
