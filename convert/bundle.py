@@ -11,6 +11,8 @@ recorded components survive an interruption.
 
 One run at a time writes a bundle: a second conversion of the same target is refused while a lock
 file beside the staging folder (``.NAME.lock``) is held, since it would sweep the first run's files.
+Temporary files (coremltools writes a whole package before the bundle's copy) are kept inside the
+staging folder, so even a killed run leaves them where the next run's sweep removes them.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..contract import FORMAT_VERSION, MANIFEST, BundleError, hash_tree, read_manifest
 
 _PROGRESS = ".components.json"  # staging-only record of finished components
+_SCRATCH = ".tmp"  # staging-only folder for temporary files, see BundleWriter.temporaries
 
 
 class OutputError(Exception):
@@ -172,6 +178,26 @@ class BundleWriter:
         if self._lock.is_locked:
             Path(self._lock.lock_file).unlink(missing_ok=True)
             self._lock.release()
+
+    @contextmanager
+    def temporaries(self) -> Iterator[Path]:
+        """Python's temporary files and folders go to a folder inside the staging folder for the
+        duration (tempfile's default and TMPDIR), which is then removed. coremltools converts into
+        a temporary package and deletes it only at interpreter exit: gigabytes in the system's
+        temporary folder for ever if the run is killed, where inside staging the next run sweeps it."""
+        scratch = self.staging / _SCRATCH
+        scratch.mkdir(exist_ok=True)
+        saved = tempfile.tempdir, os.environ.get("TMPDIR")
+        tempfile.tempdir = os.environ["TMPDIR"] = str(scratch)
+        try:
+            yield scratch
+        finally:
+            tempfile.tempdir = saved[0]
+            if saved[1] is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = saved[1]
+            _remove(scratch)
 
     # ------------------------------------------------------------------ components
 

@@ -228,27 +228,28 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
             ) from None
     with progress.stage(spec.cli_name, "trace"):
         traced = trace(module, inputs)
-    with progress.stage(spec.cli_name, "convert"):
-        metadata = {
-            "coreml-sd.version": __version__,
-            "coreml-sd.component": spec.name,
-            "coreml-sd.source": p.source.id,
-            "coreml-sd.attention": p.attention.value,
-        }
-        mlmodel = to_coreml(traced, inputs, outputs, metadata, f"{spec.description} ({p.source.id})", spec.float32_features)
-    del module, traced
-    gc.collect()
-    package = f"{spec.name}.mlpackage"
-    with progress.stage(spec.cli_name, "save"):
-        # Straight into place: until record() lists it, the next run's writer deletes it, so an
-        # interrupted save leaves nothing behind.
-        mlmodel.save(str(writer.staging / package))
-    del mlmodel
-    gc.collect()
-    compiled = f"{spec.name}.mlmodelc" if p.compile else None
-    if compiled:
-        with progress.stage(spec.cli_name, "compile"):
-            compile_package(writer.staging / package, writer.staging / compiled)
+    with writer.temporaries():  # coremltools' temporary package: inside staging, removed after
+        with progress.stage(spec.cli_name, "convert"):
+            metadata = {
+                "coreml-sd.version": __version__,
+                "coreml-sd.component": spec.name,
+                "coreml-sd.source": p.source.id,
+                "coreml-sd.attention": p.attention.value,
+            }
+            mlmodel = to_coreml(traced, inputs, outputs, metadata, f"{spec.description} ({p.source.id})", spec.float32_features)
+        del module, traced
+        gc.collect()
+        package = f"{spec.name}.mlpackage"
+        with progress.stage(spec.cli_name, "save"):
+            # Straight into place: until record() lists it, the next run's writer deletes it, so an
+            # interrupted save leaves nothing behind.
+            mlmodel.save(str(writer.staging / package))
+        del mlmodel
+        gc.collect()
+        compiled = f"{spec.name}.mlmodelc" if p.compile else None
+        if compiled:
+            with progress.stage(spec.cli_name, "compile"):
+                compile_package(writer.staging / package, writer.staging / compiled)
     entry = {
         "package": package,
         "compiled": compiled,

@@ -8,8 +8,10 @@ reload through coremltools, hashes match the disk, tokenizer and scheduler files
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import coremltools as ct
@@ -355,6 +357,40 @@ def test_a_second_conversion_of_the_same_bundle_is_refused(tiny_sd1_dir, tmp_pat
     assert first.returncode == 0, rest[1]
     bundle_is_complete(out, {"TextEncoder", "VAEDecoder"})
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_temporaries_stay_inside_staging(tiny_sd1_dir, tmp_path, monkeypatch):
+    """coremltools converts into a temporary package that it deletes only at interpreter exit: a
+    killed run left it (gigabytes at full size) in the system's temporary folder. It is made inside
+    the staging folder now, gone after the run, and a killed run's is swept by the next run."""
+    from coreml_sd.convert import converter
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    staging = tmp_path / ".b.partial"
+    killed = staging / ".tmp" / "tmpk1ll3d.mlpackage"  # as a SIGKILLed run leaves it
+    killed.mkdir(parents=True)
+    (killed / "weight.bin").write_bytes(bytes(1000))
+    packages = []
+    real = converter.to_coreml
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        packages.append(Path(model.package_path))
+        return model
+
+    monkeypatch.setattr(converter, "to_coreml", spy)
+    out = tmp_path / "b"
+    result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder")
+    assert result.exit_code == 0, result.output
+    assert [p.parent for p in packages] == [staging / ".tmp"]
+    assert not packages[0].exists()  # removed after the save, not at exit
+    assert not list(system_tmp.glob("tmp*"))
+    assert tempfile.gettempdir() == str(system_tmp) and os.environ["TMPDIR"] == str(system_tmp)  # restored
+    bundle_is_complete(out, {"TextEncoder"})
+    assert not staging.exists()
 
 
 # ------------------------------------------------------------------ refusals
