@@ -50,6 +50,20 @@ def lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
+def _follow_umask(root: Path) -> None:
+    """Give every file and folder under ``root`` the mode the user's umask gives new ones (0644 and
+    0755 under umask 022): coremltools writes a package's files through mkstemp and mkdtemp, which
+    make them private (0600, 0700), so another account could not read a shared bundle."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
+
+
 def recipe_hash(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
@@ -268,6 +282,7 @@ class BundleWriter:
         manifest = {"format_version": FORMAT_VERSION, **manifest, "components": components, "files": dict(sorted(files.items()))}
         (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (self.staging / _PROGRESS).unlink()
+        _follow_umask(self.staging)
         old = None
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -391,6 +392,23 @@ def test_temporaries_stay_inside_staging(tiny_sd1_dir, tmp_path, monkeypatch):
     assert tempfile.gettempdir() == str(system_tmp) and os.environ["TMPDIR"] == str(system_tmp)  # restored
     bundle_is_complete(out, {"TextEncoder"})
     assert not staging.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_bundle_files_follow_the_umask(tiny_sd1_dir, tmp_path, umask):
+    """coremltools writes a package's model.mlmodel 0600 and weights/ 0700 (mkstemp, mkdtemp):
+    another account could not use a shared bundle. Every file and folder follows the umask."""
+    out = tmp_path / "b"
+    old = os.umask(umask)
+    try:
+        result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    want = {rel: (0o777 if (out / rel).is_dir() else 0o666) & ~umask for rel in modes}
+    assert modes == want
+    assert modes["TextEncoder.mlpackage/Data/com.apple.CoreML/model.mlmodel"] == 0o666 & ~umask
 
 
 # ------------------------------------------------------------------ refusals
