@@ -30,8 +30,9 @@ DEMO_PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--scheduler", default="dpmpp-2m-karras", show_default=True, type=click.Choice(SCHEDULER_NAMES))
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="Also show the libraries' own progress bars and messages.")
 def demo(prompt: str | None, root: Path | None, old_root: Path | None, old_prompt: str | None, seed: int, steps: int,
-         scheduler: str, backend: str) -> None:
+         scheduler: str, backend: str, verbose: bool) -> None:
     """Build a tiny model, convert it to Core ML, and generate an image of PROMPT with it.
 
     PROMPT defaults to "a lighthouse on a cliff at sunset, oil painting".
@@ -46,6 +47,7 @@ def demo(prompt: str | None, root: Path | None, old_root: Path | None, old_promp
     from .convert.bundle import OutputError
     from .convert.converter import ConvertError, ConvertOptions, Progress, convert
     from .convert.export import CompileError
+    from .convert.quiet import library_output
     from .convert.source import SourceError, open_source
     from .runtime.backends import BackendError
     from .runtime.bundle import BundleError
@@ -73,7 +75,8 @@ def demo(prompt: str | None, root: Path | None, old_root: Path | None, old_promp
     bundle = root / "bundle"
     say(f"converting it to a Core ML bundle in {bundle}")
     try:
-        convert(open_source(str(model)), bundle, ConvertOptions(overwrite=True), Progress(say))
+        with library_output(verbose, say):
+            convert(open_source(str(model)), bundle, ConvertOptions(overwrite=True), Progress(say))
     except (SourceError, ConvertError, OutputError, CompileError) as exc:  # as 'coreml-sd convert' reports them
         raise click.ClickException(str(exc)) from None
 

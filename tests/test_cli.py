@@ -121,6 +121,7 @@ def test_demo_builds_converts_and_generates(tmp_path: Path) -> None:
     root = tmp_path / "demo"
     first = CliRunner().invoke(main, ["demo", "a red barn", "-o", str(root), "--steps", "2"])
     assert first.exit_code == 0, first.output
+    assert "Running MIL" not in first.stderr and "Loading weights" not in first.stderr  # only our progress lines
     png = Path(first.stdout.strip().splitlines()[-1].removeprefix("image written to "))
     assert png.parent == root / "images" and png.is_file()
     assert Image.open(png).size == (256, 256)

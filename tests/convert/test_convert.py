@@ -157,6 +157,27 @@ def test_cli_converts_with_progress(tiny_sd1_dir, tmp_path):
     assert not (tmp_path / ".b.partial").exists()
 
 
+# What the libraries print during a conversion of the text encoder: coremltools' bars (two kinds)
+# and its two expected warnings, transformers' bar while it loads the weights.
+LIBRARY_OUTPUT = ("Converting PyTorch Frontend", "Running MIL", "Tuple detected at graph output",
+                  "Saving value type of int64", "Loading weights")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_output_only_with_verbose(tiny_sd1_dir, tmp_path, verbose):
+    """Our progress lines, and the libraries' bars and warnings only with --verbose (a process of
+    its own: logging and tqdm behave as for a user, not as under pytest's capture)."""
+    out = tmp_path / "b"
+    args = [str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder", *(["--verbose"] if verbose else [])]
+    result = subprocess.run([*coreml_sd_command(), "convert", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "[text-encoder] convert done in" in result.stderr
+    shown = [text for text in LIBRARY_OUTPUT if text in result.stderr]
+    assert shown == (list(LIBRARY_OUTPUT) if verbose else []), result.stderr
+    if not verbose:
+        assert "%|" not in result.stderr and "warning" not in result.stderr.lower()
+
+
 def test_unet_batch_one(tiny_bundle):
     bundle = tiny_bundle("sd1", "split-einsum", unet_batch=1, components=("unet",))
     spec = ct.models.MLModel(str(bundle / "Unet.mlpackage"), skip_model_load=True).get_spec()
