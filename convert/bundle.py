@@ -8,6 +8,11 @@ bundle (``--overwrite``) hard-links the components whose recipe and files still 
 converting them again. Whatever else the staging directory holds when a run opens it (a package
 saved or compiled by a run that stopped before recording it, a temporary file) is removed: only
 recorded components survive an interruption.
+
+One run at a time writes a bundle: a second conversion of the same target is refused while a lock
+file beside the staging folder (``.NAME.lock``) is held, since it would sweep the first run's files.
+Temporary files (coremltools writes a whole package before the bundle's copy) are kept inside the
+staging folder, so even a killed run leaves them where the next run's sweep removes them.
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..contract import FORMAT_VERSION, MANIFEST, BundleError, hash_tree, read_manifest
 
 _PROGRESS = ".components.json"  # staging-only record of finished components
+_SCRATCH = ".tmp"  # staging-only folder for temporary files, see BundleWriter.temporaries
 
 
 class OutputError(Exception):
@@ -32,6 +41,27 @@ def staging_dir(out: Path) -> Path:
     """Where the bundle for ``out`` is built: a hidden sibling, renamed to ``out`` at the end."""
     out = Path(out).absolute()
     return out.parent / f".{out.name}.partial"
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file a conversion into ``out`` holds: beside the staging folder, never inside it
+    (the staging folder becomes the bundle)."""
+    out = Path(out).absolute()
+    return out.parent / f".{out.name}.lock"
+
+
+def _follow_umask(root: Path) -> None:
+    """Give every file and folder under ``root`` the mode the user's umask gives new ones (0644 and
+    0755 under umask 022): coremltools writes a package's files through mkstemp and mkdtemp, which
+    make them private (0600, 0700), so another account could not read a shared bundle."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
@@ -88,6 +118,23 @@ def check_output(out: Path, overwrite: bool) -> dict[str, Any] | None:
         ) from None
 
 
+def _take_lock(out: Path):
+    """The lock on converting into ``out``, or a one-line ``OutputError`` naming the run that holds
+    it. A second run is refused, not queued, as git refuses while ``index.lock`` exists: it was most
+    likely started by mistake, and after waiting it would only find the bundle there. The lock is
+    the kernel's (flock), so a killed run never leaves it held."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(lock_path(out)), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputError(
+            f"another conversion is writing {out} (it holds {lock_path(out)}); wait for it to finish or choose another output"
+        ) from None
+    return lock
+
+
 class BundleWriter:
     """The staging folder of a bundle converting the components ``names``, ready on construction.
 
@@ -98,13 +145,24 @@ class BundleWriter:
     unknown, and would both block the next save of that component and slip into the bundle
     unlisted if the next run did not ask for it. Files written for the whole bundle (tokenizer,
     scheduler) are rewritten anyway.
+
+    Construction takes the bundle's lock (``OutputError`` if another run holds it) and so comes
+    before any change to the staging folder; use the writer as a context manager, which releases it.
     """
 
     def __init__(self, out: Path, overwrite: bool, names: set[str]):
         self.out = Path(out).absolute()
         self.staging = staging_dir(self.out)
-        self.previous = check_output(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = _take_lock(self.out)
+        try:
+            self._open(overwrite, names)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, overwrite: bool, names: set[str]) -> None:
+        self.previous = check_output(self.out, overwrite)  # under the lock: no other run changes it now
         self.staging.mkdir(exist_ok=True)
         self.done: dict[str, dict[str, Any]] = {}
         record = self.staging / _PROGRESS
@@ -120,6 +178,40 @@ class BundleWriter:
         for path in self.staging.iterdir():
             if path.name != _PROGRESS and path.name not in owned:
                 _remove(path)
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the bundle's lock and remove its file, so that no run leaves a ``.NAME.lock``
+        beside the bundle. The file goes while the lock is still held: a run that opened it just
+        before finds it unlinked once it gets the lock (filelock checks) and starts again."""
+        if self._lock.is_locked:
+            Path(self._lock.lock_file).unlink(missing_ok=True)
+            self._lock.release()
+
+    @contextmanager
+    def temporaries(self) -> Iterator[Path]:
+        """Python's temporary files and folders go to a folder inside the staging folder for the
+        duration (tempfile's default and TMPDIR), which is then removed. coremltools converts into
+        a temporary package and deletes it only at interpreter exit: gigabytes in the system's
+        temporary folder for ever if the run is killed, where inside staging the next run sweeps it."""
+        scratch = self.staging / _SCRATCH
+        scratch.mkdir(exist_ok=True)
+        saved = tempfile.tempdir, os.environ.get("TMPDIR")
+        tempfile.tempdir = os.environ["TMPDIR"] = str(scratch)
+        try:
+            yield scratch
+        finally:
+            tempfile.tempdir = saved[0]
+            if saved[1] is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = saved[1]
+            _remove(scratch)
 
     # ------------------------------------------------------------------ components
 
@@ -190,6 +282,7 @@ class BundleWriter:
         manifest = {"format_version": FORMAT_VERSION, **manifest, "components": components, "files": dict(sorted(files.items()))}
         (self.staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (self.staging / _PROGRESS).unlink()
+        _follow_umask(self.staging)
         old = None
         if self.out.exists():
             old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"

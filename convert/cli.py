@@ -19,7 +19,7 @@ from ..system import INSTALL_CONVERT_EXTRA
 _ATTENTION = ("original", "split-einsum", "split-einsum-v2")
 _DEFAULT_COMPONENTS = ",".join(COMPONENTS)
 # What the `convert` extra of pyproject.toml installs, as imported (torch first: the others need it).
-CONVERT_EXTRA = ("torch", "safetensors", "transformers", "diffusers")
+CONVERT_EXTRA = ("torch", "safetensors", "transformers", "diffusers", "filelock")
 
 
 def require_convert_extra(command: str) -> None:
@@ -61,8 +61,9 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle checkpoints (.ckpt, .bin): only for files you trust.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (unchanged components are reused).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="Compile to .mlmodelc (default: on macOS).")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the libraries' own progress bars and messages.")
 def convert(source, out, attention, components, height, width, unet_batch_one, revision, config, allow_pickle, overwrite,
-            compile_):
+            compile_, verbose):
     """Convert a Stable Diffusion checkpoint to a Core ML bundle.
 
     SOURCE is a model id on the Hugging Face hub, a local diffusers folder, or a single-file
@@ -73,6 +74,7 @@ def convert(source, out, attention, components, height, width, unet_batch_one, r
     from .converter import ConvertError, ConvertOptions, Progress
     from .converter import convert as run
     from .export import CompileError
+    from .quiet import library_output
     from .source import SourceError, open_source
 
     def log(line: str) -> None:
@@ -91,7 +93,8 @@ def convert(source, out, attention, components, height, width, unet_batch_one, r
         log(f"opening {source}")
         src = open_source(source, revision=revision, allow_pickle=allow_pickle, config=config)
         log(f"{src.kind} {src.id}: {src.family}, {src.prediction_type} prediction")
-        run(src, out, opts, Progress(log))
+        with library_output(verbose, log):
+            run(src, out, opts, Progress(log))
     except (SourceError, ConvertError, OutputError, CompileError) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

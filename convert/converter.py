@@ -230,27 +230,28 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
             ) from None
     with progress.stage(spec.cli_name, "trace"):
         traced = trace(module, inputs)
-    with progress.stage(spec.cli_name, "convert"):
-        metadata = {
-            "coreml-sd.version": __version__,
-            "coreml-sd.component": spec.name,
-            "coreml-sd.source": p.source.id,
-            "coreml-sd.attention": p.attention.value,
-        }
-        mlmodel = to_coreml(traced, inputs, outputs, metadata, f"{spec.description} ({p.source.id})", spec.float32_features)
-    del module, traced
-    gc.collect()
-    package = f"{spec.name}.mlpackage"
-    with progress.stage(spec.cli_name, "save"):
-        # Straight into place: until record() lists it, the next run's writer deletes it, so an
-        # interrupted save leaves nothing behind.
-        mlmodel.save(str(writer.staging / package))
-    del mlmodel
-    gc.collect()
-    compiled = f"{spec.name}.mlmodelc" if p.compile else None
-    if compiled:
-        with progress.stage(spec.cli_name, "compile"):
-            compile_package(writer.staging / package, writer.staging / compiled)
+    with writer.temporaries():  # coremltools' temporary package: inside staging, removed after
+        with progress.stage(spec.cli_name, "convert"):
+            metadata = {
+                "coreml-sd.version": __version__,
+                "coreml-sd.component": spec.name,
+                "coreml-sd.source": p.source.id,
+                "coreml-sd.attention": p.attention.value,
+            }
+            mlmodel = to_coreml(traced, inputs, outputs, metadata, f"{spec.description} ({p.source.id})", spec.float32_features)
+        del module, traced
+        gc.collect()
+        package = f"{spec.name}.mlpackage"
+        with progress.stage(spec.cli_name, "save"):
+            # Straight into place: until record() lists it, the next run's writer deletes it, so an
+            # interrupted save leaves nothing behind.
+            mlmodel.save(str(writer.staging / package))
+        del mlmodel
+        gc.collect()
+        compiled = f"{spec.name}.mlmodelc" if p.compile else None
+        if compiled:
+            with progress.stage(spec.cli_name, "compile"):
+                compile_package(writer.staging / package, writer.staging / compiled)
     entry = {
         "package": package,
         "compiled": compiled,
@@ -298,9 +299,9 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
     """Convert ``source`` into the bundle directory ``out``; returns its path."""
     progress = progress or Progress()
     p = plan(source, out, opts)
-    writer = BundleWriter(p.out, p.overwrite, {spec.name for spec in p.components})
-    for spec in p.components:
-        convert_component(p, spec, writer, progress)
-    path = write_manifest(p, writer)
+    with BundleWriter(p.out, p.overwrite, {spec.name for spec in p.components}) as writer:
+        for spec in p.components:
+            convert_component(p, spec, writer, progress)
+        path = write_manifest(p, writer)
     progress.log(f"bundle written to {path} in {time.perf_counter() - progress.start:.1f}s")
     return path

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 import coreml_sd
 from coreml_sd.cli import main
-from helpers import run_python
+from helpers import one_line_error, run_python
 
 
 def test_version() -> None:
@@ -94,11 +94,31 @@ def test_convert_on_a_base_install(tmp_path: Path, torch_importable: bool) -> No
 
 
 def test_demo_on_a_base_install(tmp_path: Path) -> None:
-    result = run_cli("demo", "--dir", str(tmp_path / "demo"), torch_importable=False)
+    result = run_cli("demo", "-o", str(tmp_path / "demo"), torch_importable=False)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("Error: demo needs the convert extra (")
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("flag", ["-o", "--output", "--dir"])
+def test_demo_output_that_is_a_file(tmp_path: Path, flag: str) -> None:
+    """A file where the working folder should be: one line naming it, before any work (it ended in
+    a traceback). --dir is the hidden old name of -o/--output."""
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    one_line_error(CliRunner().invoke(main, ["demo", flag, str(taken)]), f"output {taken} is a file", "with -o")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"] and taken.read_text() == "mine"
+
+
+def test_demo_takes_generates_names() -> None:
+    """demo names its options as generate does: a positional PROMPT and -o/--output; the old
+    --dir and --prompt still work but are out of --help, and cannot be given with the new ones."""
+    help_text = CliRunner().invoke(main, ["demo", "--help"]).output
+    assert "[PROMPT]" in help_text and "-o, --output DIR" in help_text
+    assert "--dir" not in help_text and "--prompt" not in help_text
+    both = CliRunner().invoke(main, ["demo", "a cat", "--prompt", "a dog"])
+    assert both.exit_code == 2 and "--prompt is the old name of PROMPT: give only PROMPT" in both.stderr
 
 
 # ------------------------------------------------------------------ the README's first command
@@ -113,13 +133,14 @@ def test_demo_builds_converts_and_generates(tmp_path: Path) -> None:
     from coreml_sd.runtime.image import read_parameters
 
     root = tmp_path / "demo"
-    first = CliRunner().invoke(main, ["demo", "--dir", str(root), "--steps", "2"])
+    first = CliRunner().invoke(main, ["demo", "a red barn", "-o", str(root), "--steps", "2"])
     assert first.exit_code == 0, first.output
+    assert "Running MIL" not in first.stderr and "Loading weights" not in first.stderr  # only our progress lines
     png = Path(first.stdout.strip().splitlines()[-1].removeprefix("image written to "))
     assert png.parent == root / "images" and png.is_file()
     assert Image.open(png).size == (256, 256)
-    assert "Steps: 2, Sampler: " in read_parameters(png)
-    second = CliRunner().invoke(main, ["demo", "--dir", str(root), "--steps", "2"])
+    assert read_parameters(png).startswith("a red barn\n") and "Steps: 2, Sampler: " in read_parameters(png)
+    second = CliRunner().invoke(main, ["demo", "--output", str(root), "--steps", "2", "--prompt", "a red barn"])
     assert second.exit_code == 0, second.output
     assert second.stderr.count("unchanged: reused") == 4 and "building a tiny" not in second.stderr
     again = Path(second.stdout.strip().splitlines()[-1].removeprefix("image written to "))

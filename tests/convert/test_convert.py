@@ -8,7 +8,11 @@ reload through coremltools, hashes match the disk, tokenizer and scheduler files
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
+import subprocess
+import tempfile
 from pathlib import Path
 
 import coremltools as ct
@@ -22,7 +26,7 @@ from coremltools.proto import FeatureTypes_pb2 as ft
 import coreml_sd
 from coreml_sd.cli import main
 from coreml_sd.contract import hash_tree, verify_files
-from helpers import FAMILIES, one_line_error
+from helpers import FAMILIES, coreml_sd_command, one_line_error
 
 ATTENTIONS = ("original", "split-einsum", "split-einsum-v2")
 TEXT_DIM = {"sd1": 32, "sd2": 64}  # the tiny models' text widths (768 / 1024 in real SD 1.x / 2.x)
@@ -151,6 +155,27 @@ def test_cli_converts_with_progress(tiny_sd1_dir, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["components"]) == ["TextEncoder", "VAEDecoder"]
     assert not (tmp_path / ".b.partial").exists()
+
+
+# What the libraries print during a conversion of the text encoder: coremltools' bars (two kinds)
+# and its two expected warnings, transformers' bar while it loads the weights.
+LIBRARY_OUTPUT = ("Converting PyTorch Frontend", "Running MIL", "Tuple detected at graph output",
+                  "Saving value type of int64", "Loading weights")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_library_output_only_with_verbose(tiny_sd1_dir, tmp_path, verbose):
+    """Our progress lines, and the libraries' bars and warnings only with --verbose (a process of
+    its own: logging and tqdm behave as for a user, not as under pytest's capture)."""
+    out = tmp_path / "b"
+    args = [str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder", *(["--verbose"] if verbose else [])]
+    result = subprocess.run([*coreml_sd_command(), "convert", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "[text-encoder] convert done in" in result.stderr
+    shown = [text for text in LIBRARY_OUTPUT if text in result.stderr]
+    assert shown == (list(LIBRARY_OUTPUT) if verbose else []), result.stderr
+    if not verbose:
+        assert "%|" not in result.stderr and "warning" not in result.stderr.lower()
 
 
 def test_unet_batch_one(tiny_bundle):
@@ -333,6 +358,78 @@ def test_a_damaged_manifest_entry_is_reconverted_not_a_crash(tiny_sd1_dir, tmp_p
     assert again.exit_code == 0, again.output
     assert "[vae-decoder] convert done" in again.stderr
     verify_files(out, json.loads((out / "manifest.json").read_text())["files"])
+
+
+def test_a_second_conversion_of_the_same_bundle_is_refused(tiny_sd1_dir, tmp_path):
+    """Two runs into one target used to share the staging folder: the second swept the first's files
+    and both could finish with a bundle failing its own hashes. Now the second is refused in one
+    line, the first finishes a sound bundle, and no lock file is left beside it."""
+    out = tmp_path / "b"
+    args = [str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder"]
+    first = subprocess.Popen([*coreml_sd_command(), "convert", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stderr:  # the first run holds the target once it works on a component
+            if line.startswith("[text-encoder] load"):
+                break
+        second = run(*args)
+        rest = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    one_line_error(second, f"another conversion is writing {out} (it holds {tmp_path / '.b.lock'})", "wait for it to finish")
+    assert first.returncode == 0, rest[1]
+    bundle_is_complete(out, {"TextEncoder", "VAEDecoder"})
+    assert [p.name for p in tmp_path.iterdir()] == ["b"]
+
+
+def test_temporaries_stay_inside_staging(tiny_sd1_dir, tmp_path, monkeypatch):
+    """coremltools converts into a temporary package that it deletes only at interpreter exit: a
+    killed run left it (gigabytes at full size) in the system's temporary folder. It is made inside
+    the staging folder now, gone after the run, and a killed run's is swept by the next run."""
+    from coreml_sd.convert import converter
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    staging = tmp_path / ".b.partial"
+    killed = staging / ".tmp" / "tmpk1ll3d.mlpackage"  # as a SIGKILLed run leaves it
+    killed.mkdir(parents=True)
+    (killed / "weight.bin").write_bytes(bytes(1000))
+    packages = []
+    real = converter.to_coreml
+
+    def spy(*args, **kwargs):
+        model = real(*args, **kwargs)
+        packages.append(Path(model.package_path))
+        return model
+
+    monkeypatch.setattr(converter, "to_coreml", spy)
+    out = tmp_path / "b"
+    result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder")
+    assert result.exit_code == 0, result.output
+    assert [p.parent for p in packages] == [staging / ".tmp"]
+    assert not packages[0].exists()  # removed after the save, not at exit
+    assert not list(system_tmp.glob("tmp*"))
+    assert tempfile.gettempdir() == str(system_tmp) and os.environ["TMPDIR"] == str(system_tmp)  # restored
+    bundle_is_complete(out, {"TextEncoder"})
+    assert not staging.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_bundle_files_follow_the_umask(tiny_sd1_dir, tmp_path, umask):
+    """coremltools writes a package's model.mlmodel 0600 and weights/ 0700 (mkstemp, mkdtemp):
+    another account could not use a shared bundle. Every file and folder follows the umask."""
+    out = tmp_path / "b"
+    old = os.umask(umask)
+    try:
+        result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder")
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    want = {rel: (0o777 if (out / rel).is_dir() else 0o666) & ~umask for rel in modes}
+    assert modes == want
+    assert modes["TextEncoder.mlpackage/Data/com.apple.CoreML/model.mlmodel"] == 0o666 & ~umask
 
 
 # ------------------------------------------------------------------ refusals
