@@ -14,7 +14,7 @@ from PIL import Image
 
 from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.runtime.bundle import BundleError, open_bundle
-from coreml_sd.runtime.pipeline import GenerationError, Pipeline, check_request
+from coreml_sd.runtime.pipeline import GenerationError, NonFiniteError, Pipeline, check_request
 from helpers import pixels
 
 PROMPT = "a watercolour of a lighthouse"
@@ -91,6 +91,19 @@ def test_a_failed_step_ends_the_generation(pipe):
     for branch in (run.cond, run.uncond):  # the UNet refuses this context
         branch["encoder_hidden_states"] = branch["encoder_hidden_states"][..., :5]
     with pytest.raises(BackendError, match="encoder_hidden_states"):
+        list(run)
+    with pytest.raises(GenerationError, match="failed"):
+        list(run)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_nonfinite_output_names_the_stage(pipe):
+    """Latents of ~1e30 (guidance 1e30) are beyond float16: decoded after one step, the VAE
+    decoder gives NaN; denoised further, the UNet's next step does. Either is an error, never an image."""
+    with pytest.raises(NonFiniteError, match=r"^NaN or inf in the VAE decoder \(first at op .*'z' reaches .*lower --guidance"):
+        pipe(PROMPT, steps=1, seed=1, guidance_scale=1e30, scheduler="euler")
+    run = pipe.start(PROMPT, steps=3, seed=1, guidance_scale=1e30, scheduler="euler")
+    with pytest.raises(NonFiniteError, match=r"^NaN or inf in the UNet at step 2 of 3 \(first at op "):
         list(run)
     with pytest.raises(GenerationError, match="failed"):
         list(run)
@@ -216,9 +229,12 @@ def test_chunked_unet_runs_as_one(tiny_bundle, tmp_path, pipe):
     packages = apple_packages(tiny_bundle("sd1", "split-einsum"), tmp_path / "repo", chunked=True)
     bundle = open_bundle(packages)
     assert len(bundle.models["Unet"].packages) == 2
-    a = Pipeline.from_bundle(packages, backend="mil")(PROMPT, steps=3, seed=4, scheduler="ddim")
+    chunked = Pipeline.from_bundle(packages, backend="mil")
+    a = chunked(PROMPT, steps=3, seed=4, scheduler="ddim")
     b = pipe(PROMPT, steps=3, seed=4, scheduler="ddim")
     assert psnr(np.asarray(a.images[0], float), np.asarray(b.images[0], float), peak=255) > 45
+    with pytest.raises(NonFiniteError, match=r"UNet at step 2 of 3 \(first at op \w+ '\w+'"):  # found through the chunks
+        chunked(PROMPT, steps=3, seed=4, scheduler="ddim", guidance_scale=1e30)
 
 
 def test_layout_errors(tiny_bundle, tmp_path):
