@@ -7,6 +7,7 @@ imported inside the command.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import click
@@ -21,6 +22,24 @@ def denoise_with_progress(run, label: str):
         for _ in run:
             bar.update(1)
     return run.finish()
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first: what ``mkdir -p`` creates."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): keep it and its parents
+            return
 
 
 @click.command()
@@ -76,6 +95,8 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
         raise click.ClickException(str(exc)) from None
     if out.exists() and not out.is_dir():
         raise click.ClickException(f"output {out} is a file; pass a folder with -o")
+    # However the command ends (an error, Ctrl-C), it leaves no empty folder of its own making behind.
+    click.get_current_context().call_on_close(partial(remove_if_empty, missing_folders(out)))
     try:
         prepare_output(out)
     except OSError as exc:

@@ -238,6 +238,19 @@ def test_mistakes_are_reported_before_any_model_loads(tiny_bundle, tmp_path, loa
     assert not (tmp_path / "out").exists()  # a refused request creates no output folder
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's overflow / invalid-cast warnings must not leak
+def test_nonfinite_output_is_an_error_naming_the_stage(tiny_bundle, tmp_path):
+    """--guidance 1e30 leaves finite latents of ~1e30 after step 1, beyond float16: the UNet's
+    prediction at step 2 is NaN. That is one error line naming the step, the first op that
+    overflowed and the fix, not a black PNG; nothing is written, not even the output folders."""
+    out = tmp_path / "new" / "out"
+    result = generate(PROMPT, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "1", "--steps", "3",
+                      "--scheduler", "ddim", "--guidance", "1e30", "-o", str(out))
+    one_line_error(result, "NaN or inf in the UNet at step 2 of 3", "(first at op ", "its input 'sample' reaches",
+                   "lower --guidance (now 1e+30)")
+    assert result.stdout == "" and not (tmp_path / "new").exists()
+
+
 def test_a_failed_save_is_one_line_and_keeps_what_was_written(tiny_bundle, tmp_path, monkeypatch):
     from coreml_sd.runtime import image
 
