@@ -4,6 +4,7 @@ coreml backend against the mil one."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from PIL import Image
 from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.runtime.bundle import BundleError, open_bundle
 from coreml_sd.runtime.pipeline import GenerationError, NonFiniteError, Pipeline, check_request
+from coreml_sd.runtime.request import make_scheduler
 from helpers import pixels
 
 PROMPT = "a watercolour of a lighthouse"
@@ -126,7 +128,13 @@ def test_load_time_is_per_run(pipe, lean):
         ({"guidance_scale": float("nan")}, "guidance scale"),
         ({"scheduler": "heun"}, "unknown scheduler"),
         ({"height": 128}, "converted for 64x64"),
-        ({"seed": 2**64}, "outside torch's range"),
+        ({"seed": 2**64}, r"seed must be a whole number from 0 to 2\^64-1"),
+        ({"seed": -1}, r"seed must be a whole number from 0 to 2\^64-1 \(18446744073709551615\), got -1"),
+        ({"width": 0}, "--width must be a whole number of pixels >= 1, got 0"),
+        ({"guidance_scale": -2.0}, r"guidance scale must be >= 0 \(<= 1 turns guidance off\)"),
+        ({"steps": 1001}, r"the pndm scheduler takes at most 1000 steps \(the model's training timesteps\), got --steps 1001"),
+        ({"steps": 100000, "scheduler": "euler"}, "the euler scheduler takes at most 1000 steps"),
+        ({"steps": 51, "scheduler": "lcm"}, r"the lcm scheduler takes at most 50 steps \(its distillation's original_inference"),
         ({"rng": "urandom"}, "unknown rng kind"),
         ({"init_image": "/nonexistent.png"}, "cannot read init image"),
         ({"init_image": Image.new("RGB", (64, 64)), "strength": 0}, "strength must be"),
@@ -138,6 +146,28 @@ def test_requests_are_checked_against_the_bundle_alone(tiny_bundle, options, mes
     bundle = open_bundle(tiny_bundle("sd1", "split-einsum"))
     with pytest.raises(GenerationError, match=message):
         check_request(bundle, PROMPT, **options)
+
+
+def test_steps_up_to_the_schedulers_limit_and_no_more(tiny_bundle):
+    """Each scheduler takes up to the training timesteps (LCM: its distillation's steps), one
+    step each (PNDM: plus its repeated warm-up step), and refuses one more, naming the limit;
+    PNDM used to run 1002 steps all at timestep 1 for 1001."""
+    bundle = open_bundle(tiny_bundle("sd1", "split-einsum"))
+    for scheduler, limit in (("pndm", 1000), ("ddim", 1000), ("euler", 1000), ("dpmpp-2m", 1000), ("lcm", 50)):
+        check_request(bundle, PROMPT, steps=limit, scheduler=scheduler)
+        sched = make_scheduler(bundle, scheduler)
+        sched.set_timesteps(limit)
+        assert len(sched.timesteps) == limit + (scheduler == "pndm"), scheduler
+        with pytest.raises(GenerationError, match=f"at most {limit} steps"):
+            check_request(bundle, PROMPT, steps=limit + 1, scheduler=scheduler)
+
+
+def test_an_unsupported_bundle_scheduler_names_the_option(tiny_bundle):
+    bundle = open_bundle(tiny_bundle("sd1", "split-einsum"))
+    heun = dataclasses.replace(bundle, scheduler_config={**bundle.scheduler_config, "_class_name": "HeunDiscreteScheduler"})
+    with pytest.raises(GenerationError, match=r"'HeunDiscreteScheduler' is not supported; pick one with --scheduler \(pndm, "):
+        check_request(heun, PROMPT)
+    assert check_request(heun, PROMPT, scheduler="euler").scheduler == "euler"
 
 
 def test_a_request_is_reusable(pipe):
