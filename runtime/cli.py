@@ -7,9 +7,11 @@ imported inside the command.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .backends import BACKENDS, COMPUTE_UNITS
 from .schedulers import SCHEDULER_NAMES
@@ -21,6 +23,32 @@ def denoise_with_progress(run, label: str):
         for _ in run:
             bar.update(1)
     return run.finish()
+
+
+def truncation(what: str, cut: str, shown: int = 5) -> str:
+    """The warning for a prompt cut at the token limit: how much was cut and how it starts (the
+    whole cut text of a long prompt would flood the terminal)."""
+    words = cut.split()
+    start = " ".join(words[:shown]) + (" ..." if len(words) > shown else "")
+    return f'the {what} is longer than 77 tokens; {len(words)} word{"s" if len(words) != 1 else ""} ignored, starting "{start}"'
+
+
+def missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first: what ``mkdir -p`` creates."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): keep it and its parents
+            return
 
 
 @click.command()
@@ -66,7 +94,7 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
 
     try:
         opened = open_bundle(bundle)
-        check_setup(opened, backend, precision)  # what Pipeline(...) would refuse, before the output folder exists
+        resolved = check_setup(opened, backend, precision)  # what Pipeline(...) would refuse, before the output folder exists
         image = read_image(init_image) if init_image is not None else None
         request = check_request(
             opened, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler,
@@ -76,12 +104,19 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
         raise click.ClickException(str(exc)) from None
     if out.exists() and not out.is_dir():
         raise click.ClickException(f"output {out} is a file; pass a folder with -o")
+    # However the command ends (an error, Ctrl-C), it leaves no empty folder of its own making behind.
+    click.get_current_context().call_on_close(partial(remove_if_empty, missing_folders(out)))
     try:
         prepare_output(out)
     except OSError as exc:
         raise click.ClickException(
             f"cannot write to output folder {out}: {exc.strerror or exc}; pass a writable folder with -o"
         ) from None
+    given = click.get_current_context().get_parameter_source
+    if given("strength") != ParameterSource.DEFAULT and image is None:
+        warn("--strength is ignored: it applies to image-to-image only; add --init-image to use it")
+    if given("compute_units") != ParameterSource.DEFAULT and resolved != "coreml":
+        warn(f"--compute-units is ignored: the {resolved} backend runs on the CPU; it applies to --backend coreml (macOS)")
     if negative_prompt and not request.guided:
         warn(f"--negative-prompt is ignored: guidance is off at --guidance {guidance:g} (<= 1); "
              "raise it to use a negative prompt")
@@ -96,9 +131,9 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
         pipe = Pipeline(opened, backend=backend, compute_units=compute_units, reduce_memory=reduce_memory, precision=precision)
         run = pipe.generate(request)
         if run.truncated:
-            warn(f"the prompt is longer than 77 tokens; ignored: {run.truncated!r}")
+            warn(truncation("prompt", run.truncated))
         if run.negative_truncated:
-            warn(f"the negative prompt is longer than 77 tokens; ignored: {run.negative_truncated!r}")
+            warn(truncation("negative prompt", run.negative_truncated))
         label = f"{pipe.backend} {compute_units if pipe.backend == 'coreml' else ''}".strip()
         result = denoise_with_progress(run, f"denoising ({label})")
     except (BundleError, BackendError, GenerationError) as exc:

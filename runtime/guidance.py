@@ -24,7 +24,8 @@ class GuidedUNet:
 
     ``cond`` and ``uncond`` are the UNet's conditioning inputs for one image (batch 1);
     ``uncond`` is None when guidance is off. ``model_time`` accumulates the seconds spent in UNet
-    calls."""
+    calls; ``failed_inputs`` holds the inputs of the first call whose prediction held NaN or inf
+    (None while every prediction is finite), for the caller to diagnose."""
 
     def __init__(self, unet: Model, batch: int, cond: dict[str, np.ndarray], uncond: dict[str, np.ndarray] | None,
                  scale: float):
@@ -37,12 +38,16 @@ class GuidedUNet:
         else:
             self.calls = [uncond, cond]
         self.model_time = 0.0
+        self.failed_inputs: dict[str, np.ndarray] | None = None
 
     def _call(self, samples: np.ndarray, t: float, conditioning: dict[str, np.ndarray]) -> np.ndarray:
         start = time.perf_counter()
         timestep = np.full(len(samples), t, np.float32)
-        out = self.unet.predict({"sample": samples, "timestep": timestep, **conditioning})["noise_pred"]
+        inputs = {"sample": samples, "timestep": timestep, **conditioning}
+        out = self.unet.predict(inputs)["noise_pred"]
         self.model_time += time.perf_counter() - start
+        if self.failed_inputs is None and not np.isfinite(out).all():
+            self.failed_inputs = inputs
         return out.astype(np.float32)
 
     def predict(self, x: np.ndarray, t: float) -> np.ndarray:

@@ -34,11 +34,12 @@ from .bundle import Bundle, ModelFiles, open_bundle
 from .conditioning import encode_prompt
 from .guidance import GuidedUNet
 from .image import Parameters, from_pil, to_pil
+from .nonfinite import NonFiniteError, all_finite, nonfinite_error
 from .random import make_rng
 from .request import GenerationError, Request, check_request, check_setup, make_scheduler
 from .tokenizer import CLIPTokenizer
 
-__all__ = ["Generation", "GenerationError", "Pipeline", "Request", "Result", "Step", "Timings", "check_request"]
+__all__ = ["Generation", "GenerationError", "NonFiniteError", "Pipeline", "Request", "Result", "Step", "Timings", "check_request"]
 
 
 @dataclass
@@ -204,11 +205,11 @@ class Generation:
         pipe, conditioning = self.pipe, self.pipe.bundle.spec.conditioning
         slots = [pipe.slots[use.model] for use in conditioning.encoders]
         encoders = {slot.name: slot.get(self.timings) for slot in slots}
-        positive = encode_prompt(self.request.prompt, conditioning, pipe.tokenizers, encoders)
+        positive = encode_prompt(self.request.prompt, conditioning, pipe.tokenizers, encoders, pipe.precision)
         self.cond, self.truncated = positive.inputs, positive.truncated
         self.uncond, self.negative_truncated = None, ""
         if self.request.guided:
-            negative = encode_prompt(self.request.negative_prompt, conditioning, pipe.tokenizers, encoders)
+            negative = encode_prompt(self.request.negative_prompt, conditioning, pipe.tokenizers, encoders, pipe.precision)
             self.uncond, self.negative_truncated = negative.inputs, negative.truncated
         for slot in slots:
             slot.release()
@@ -258,8 +259,12 @@ class Generation:
                 t_i = self.timesteps[i]
                 start, model_before = time.perf_counter(), unet.model_time
                 try:
-                    eps_pred = unet.predict(self.sched.scale_model_input(self.latents, t_i), float(t_i))
-                    self.latents = self.sched.step(eps_pred, t_i, self.latents, rng=self.rng)
+                    # An overflow is caught below, by stage, instead of as numpy warnings.
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        eps_pred = unet.predict(self.sched.scale_model_input(self.latents, t_i), float(t_i))
+                        self.latents = self.sched.step(eps_pred, t_i, self.latents, rng=self.rng)
+                    if not all_finite(self.latents):
+                        raise self._unet_error(unet, i + 1)
                 except BaseException:
                     self._failed = True  # the scheduler may be mid-update: resuming would be wrong
                     raise
@@ -270,6 +275,16 @@ class Generation:
                 yield Step(i + 1, len(self.timesteps), float(t_i), self.latents)
         finally:
             slot.release()
+
+    def _unet_error(self, unet: GuidedUNet, index: int) -> NonFiniteError:
+        stage = f"UNet at step {index} of {len(self.timesteps)}"
+        guidance = self.request.guidance_scale if self.request.guided else None
+        if unet.failed_inputs is not None:
+            return nonfinite_error(stage, unet.unet, unet.failed_inputs, self.pipe.precision, guidance)
+        # Every prediction finite: the guidance or the scheduler's update overflowed float32.
+        remedy = f"lower --guidance (now {guidance:g})" if guidance is not None else "try another --scheduler"
+        return NonFiniteError(f"NaN or inf in the {stage} (its prediction was finite; the guidance and scheduler "
+                              f"arithmetic overflowed float32); {remedy}")
 
     def finish(self) -> Result:
         """Decode the latents as they are (after all steps, or wherever iteration stopped); calling
@@ -282,8 +297,18 @@ class Generation:
         slot = self.pipe.slots["VAEDecoder"]
         decoder = slot.get(self.timings)
         scale = np.float32(1.0 / bundle.vae_scaling)
-        images = np.concatenate([decoder.predict({"z": latent * scale})["image"] for latent in np.split(self.latents, self.n)])
+        images = []
+        for latent in np.split(self.latents, self.n):
+            with np.errstate(over="ignore"):  # latents beyond float32 / scale: caught as non-finite below
+                inputs = {"z": latent * scale}
+            images.append(decoder.predict(inputs)["image"])
+            if not all_finite(images[-1]):
+                guidance = request.guidance_scale if request.guided else None
+                error = nonfinite_error("VAE decoder", decoder, inputs, self.pipe.precision, guidance)
+                slot.release()
+                raise error
         slot.release()
+        images = np.concatenate(images)
         self.timings.vae_decoder = time.perf_counter() - t
         h, w = bundle.image_size
         params = [

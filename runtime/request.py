@@ -20,7 +20,7 @@ from .bundle import Bundle, BundleError
 from .image import ImageError, fit_image
 from .image import read_image as image_file
 from .random import make_rng
-from .schedulers import SCHEDULER_NAMES, Scheduler, from_config
+from .schedulers import SCHEDULER_NAMES, SCHEDULERS, Scheduler, from_config
 
 
 class GenerationError(Exception):
@@ -70,11 +70,14 @@ def check_request(
     fits it to the bundle's size, see ``image.fit_image``); a missing seed becomes a random one."""
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise GenerationError("the prompt and negative prompt must be text")
+    for option, value in (("--width", width), ("--height", height)):
+        if value is not None and (not _whole(value) or value < 1):
+            raise GenerationError(f"{option} must be a whole number of pixels >= 1, got {value!r}")
     h, w = bundle.image_size
-    if (height or h, width or w) != (h, w):
+    height, width = height or h, width or w
+    if (height, width) != (h, w):
         raise GenerationError(
-            f"this bundle was converted for {w}x{h} images; "
-            f"re-convert with --width/--height to generate {width or w}x{height or h}"
+            f"this bundle was converted for {w}x{h} images; re-convert with --width/--height to generate {width}x{height}"
         )
     if not _whole(steps) or steps < 1:
         raise GenerationError(f"steps must be a whole number >= 1, got {steps!r}")
@@ -82,8 +85,11 @@ def check_request(
         raise GenerationError(f"the number of images must be a whole number >= 1, got {num_images!r}")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise GenerationError(f"the guidance scale must be a finite number, got {guidance_scale!r}")
-    if seed is not None and not _whole(seed):
-        raise GenerationError(f"the seed must be a whole number, got {seed!r}")
+    if guidance_scale < 0:
+        raise GenerationError(f"the guidance scale must be >= 0 (<= 1 turns guidance off), got {guidance_scale!r}")
+    # A1111-style readers take a negative seed for "random": seeds are the 64-bit range the rngs share.
+    if seed is not None and (not _whole(seed) or not 0 <= seed < 2**64):
+        raise GenerationError(f"the seed must be a whole number from 0 to 2^64-1 ({2**64 - 1}), got {seed!r}")
     seed = secrets.randbelow(2**32) if seed is None else int(seed)
     steps, num_images = int(steps), int(num_images)
     try:
@@ -91,6 +97,7 @@ def check_request(
     except (ValueError, TypeError) as exc:
         raise GenerationError(str(exc)) from None
     sched = make_scheduler(bundle, scheduler)
+    check_steps(sched, steps)
     if init_image is None:
         return Request(prompt, negative_prompt, steps, float(guidance_scale), scheduler, seed, num_images, None, None, rng)
     if not bundle.has("VAEEncoder"):
@@ -99,7 +106,6 @@ def check_request(
         )
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
         raise GenerationError(f"strength must be in (0, 1], got {strength!r}")
-    sched.set_timesteps(steps)
     try:
         sched.img2img_start(strength)
     except ValueError as exc:
@@ -115,10 +121,29 @@ def _whole(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def check_steps(sched: Scheduler, steps: int) -> None:
+    """Lay out ``steps`` on ``sched``, refusing more than its schedule has distinct timesteps for:
+    beyond ``num_train_timesteps`` (LCM: its distillation's ``original_inference_steps``), steps
+    repeat timesteps (PNDM ran 1002 steps at timestep 1 for 1001) or raise."""
+    big = sched.num_train_timesteps
+    limit = min(big, sched.config.get("original_inference_steps", big))  # only LCM reads that field
+    if steps > limit:
+        why = "its distillation's original_inference_steps" if limit < big else "the model's training timesteps"
+        raise GenerationError(f"the {sched.name} scheduler takes at most {limit} steps ({why}), got --steps {steps}")
+    try:
+        sched.set_timesteps(steps)
+    except ValueError as exc:
+        raise GenerationError(f"{exc}; change --steps or --scheduler") from None
+
+
 def make_scheduler(bundle: Bundle, name: str | None) -> Scheduler:
     """A fresh scheduler: ``name`` (None: the bundle's own algorithm) on the bundle's noise schedule."""
     if name is not None and name not in SCHEDULER_NAMES:
         raise GenerationError(f"unknown scheduler {name!r}: use one of {', '.join(SCHEDULER_NAMES)}")
+    own = bundle.scheduler_config.get("_class_name")
+    if name is None and own not in {spec.diffusers_class for spec in SCHEDULERS.values()}:
+        raise GenerationError(f"{bundle.path}: the bundle's scheduler {own!r} is not supported; "
+                              f"pick one with --scheduler ({', '.join(SCHEDULER_NAMES)})")
     config = {**bundle.scheduler_config, "prediction_type": bundle.prediction_type}
     try:
         return from_config(config, name)

@@ -220,6 +220,22 @@ class ChainedModel:
             values.update(chunk.predict({n: values[n] for n in chunk.inputs}))
         return {n: values[n] for n in self.outputs}
 
+    def find_nonfinite(self, inputs: dict[str, np.ndarray]) -> tuple[str, str] | None:
+        """The first op, chunk by chunk, whose output holds inf/NaN although its inputs were
+        finite (see ``MILModel.find_nonfinite``); None when no chunk names one or a chunk's
+        backend cannot tell."""
+        values = dict(inputs)
+        for chunk in self.chunks:
+            feed = {n: values[n] for n in chunk.inputs}
+            find = getattr(chunk, "find_nonfinite", None)
+            if find is None:
+                return None
+            found = find(feed)
+            if found is not None:
+                return found
+            values.update(chunk.predict(feed))
+        return None
+
 
 def load_model(
     path: str | Path,

@@ -155,15 +155,17 @@ def test_guidance_off_uses_the_text_branch_only(tiny_bundle, tiny_sd1_dir, tmp_p
 
 
 def test_long_prompts_are_truncated_with_a_warning(tiny_bundle, tmp_path):
-    prompt = " ".join(["cat"] * 80) + " zebra"
-    negative = " ".join(["dog"] * 80) + " giraffe"
+    """The warning counts the words cut and shows how the cut starts, not the whole cut text."""
+    prompt = " ".join(["cat"] * 75 + ["zebra"] + ["lion", "tiger", "bear"] * 400)  # 75 tokens fit beside start and end
+    negative = " ".join(["dog"] * 76) + " giraffe"
     result = generate(prompt, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "1", "--steps", "1",
                       "--negative-prompt", negative, "-o", str(tmp_path))
     assert result.exit_code == 0
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 2
-    assert "the prompt is longer than 77 tokens" in warnings[0] and "zebra" in warnings[0] and "giraffe" not in warnings[0]
-    assert "the negative prompt is longer than 77 tokens" in warnings[1] and "giraffe" in warnings[1]
+    assert warnings == [
+        'warning: the prompt is longer than 77 tokens; 1201 words ignored, starting "zebra lion tiger bear lion ..."',
+        'warning: the negative prompt is longer than 77 tokens; 2 words ignored, starting "dog giraffe"',
+    ]
 
 
 def test_negative_prompt_without_guidance_is_reported_not_recorded(tiny_bundle, tmp_path):
@@ -173,6 +175,19 @@ def test_negative_prompt_without_guidance_is_reported_not_recorded(tiny_bundle, 
     assert "warning: --negative-prompt is ignored" in result.stderr and "--guidance" in result.stderr
     text = read_parameters(png)
     assert "Negative prompt" not in text and "blurry" not in text
+
+
+def test_options_that_do_nothing_are_reported(tiny_bundle, tmp_path):
+    """--strength without --init-image and --compute-units off the coreml backend change nothing:
+    each is one warning line, not silently dropped; left at their defaults, nothing is said."""
+    args = [PROMPT, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "1", "--steps", "1", "--backend", "mil"]
+    result = generate(*args, "--strength", "0.5", "--compute-units", "CPU_ONLY", "-o", str(tmp_path))
+    written(result)
+    assert [line for line in result.stderr.splitlines() if line.startswith("warning:")] == [
+        "warning: --strength is ignored: it applies to image-to-image only; add --init-image to use it",
+        "warning: --compute-units is ignored: the mil backend runs on the CPU; it applies to --backend coreml (macOS)",
+    ]
+    assert "warning:" not in generate(*args, "-o", str(tmp_path)).stderr
 
 
 def test_init_image_of_another_shape_is_center_cropped(tiny_bundle, tmp_path):
@@ -224,7 +239,11 @@ def test_mistakes_are_reported_before_any_model_loads(tiny_bundle, tmp_path, loa
         (["--steps", "0"], "steps must be"),
         (["-n", "0"], "number of images"),
         (["--height", "128"], "converted for 64x64"),
-        (["--seed", str(2**64)], "outside torch's range"),
+        (["--seed", str(2**64)], "from 0 to 2^64-1"),
+        (["--seed", "-1"], "the seed must be a whole number from 0 to 2^64-1 (18446744073709551615), got -1"),
+        (["--steps", "100000"], "the pndm scheduler takes at most 1000 steps (the model's training timesteps), got --steps 1000"),
+        (["--width", "0"], "--width must be a whole number of pixels >= 1, got 0"),
+        (["--guidance", "-3"], "the guidance scale must be >= 0"),
         (["--init-image", str(tmp_path / "missing.png")], "cannot read init image"),
         (["--init-image", str(init), "--strength", "1.5"], "strength must be"),
         (["--init-image", str(init), "--strength", "0.05", "--steps", "5"], "raise --strength or --steps"),
@@ -236,6 +255,19 @@ def test_mistakes_are_reported_before_any_model_loads(tiny_bundle, tmp_path, loa
         one_line_error(generate(PROMPT, "--bundle", bundle, *args, *out), fragment)
         assert loads == [], args
     assert not (tmp_path / "out").exists()  # a refused request creates no output folder
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's overflow / invalid-cast warnings must not leak
+def test_nonfinite_output_is_an_error_naming_the_stage(tiny_bundle, tmp_path):
+    """--guidance 1e30 leaves finite latents of ~1e30 after step 1, beyond float16: the UNet's
+    prediction at step 2 is NaN. That is one error line naming the step, the first op that
+    overflowed and the fix, not a black PNG; nothing is written, not even the output folders."""
+    out = tmp_path / "new" / "out"
+    result = generate(PROMPT, "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--seed", "1", "--steps", "3",
+                      "--scheduler", "ddim", "--guidance", "1e30", "-o", str(out))
+    one_line_error(result, "NaN or inf in the UNet at step 2 of 3", "(first at op ", "its input 'sample' reaches",
+                   "lower --guidance (now 1e+30)")
+    assert result.stdout == "" and not (tmp_path / "new").exists()
 
 
 def test_a_failed_save_is_one_line_and_keeps_what_was_written(tiny_bundle, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ coreml backend against the mil one."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from PIL import Image
 
 from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.runtime.bundle import BundleError, open_bundle
-from coreml_sd.runtime.pipeline import GenerationError, Pipeline, check_request
+from coreml_sd.runtime.pipeline import GenerationError, NonFiniteError, Pipeline, check_request
+from coreml_sd.runtime.request import make_scheduler
 from helpers import pixels
 
 PROMPT = "a watercolour of a lighthouse"
@@ -96,6 +98,19 @@ def test_a_failed_step_ends_the_generation(pipe):
         list(run)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_nonfinite_output_names_the_stage(pipe):
+    """Latents of ~1e30 (guidance 1e30) are beyond float16: decoded after one step, the VAE
+    decoder gives NaN; denoised further, the UNet's next step does. Either is an error, never an image."""
+    with pytest.raises(NonFiniteError, match=r"^NaN or inf in the VAE decoder \(first at op .*'z' reaches .*lower --guidance"):
+        pipe(PROMPT, steps=1, seed=1, guidance_scale=1e30, scheduler="euler")
+    run = pipe.start(PROMPT, steps=3, seed=1, guidance_scale=1e30, scheduler="euler")
+    with pytest.raises(NonFiniteError, match=r"^NaN or inf in the UNet at step 2 of 3 \(first at op "):
+        list(run)
+    with pytest.raises(GenerationError, match="failed"):
+        list(run)
+
+
 def test_load_time_is_per_run(pipe, lean):
     assert pipe.load_time > 0  # the eager pipeline loaded its models on construction ...
     assert pipe(PROMPT, steps=1, seed=1).timings.load == 0.0  # ... so a run loads nothing
@@ -113,7 +128,13 @@ def test_load_time_is_per_run(pipe, lean):
         ({"guidance_scale": float("nan")}, "guidance scale"),
         ({"scheduler": "heun"}, "unknown scheduler"),
         ({"height": 128}, "converted for 64x64"),
-        ({"seed": 2**64}, "outside torch's range"),
+        ({"seed": 2**64}, r"seed must be a whole number from 0 to 2\^64-1"),
+        ({"seed": -1}, r"seed must be a whole number from 0 to 2\^64-1 \(18446744073709551615\), got -1"),
+        ({"width": 0}, "--width must be a whole number of pixels >= 1, got 0"),
+        ({"guidance_scale": -2.0}, r"guidance scale must be >= 0 \(<= 1 turns guidance off\)"),
+        ({"steps": 1001}, r"the pndm scheduler takes at most 1000 steps \(the model's training timesteps\), got --steps 1001"),
+        ({"steps": 100000, "scheduler": "euler"}, "the euler scheduler takes at most 1000 steps"),
+        ({"steps": 51, "scheduler": "lcm"}, r"the lcm scheduler takes at most 50 steps \(its distillation's original_inference"),
         ({"rng": "urandom"}, "unknown rng kind"),
         ({"init_image": "/nonexistent.png"}, "cannot read init image"),
         ({"init_image": Image.new("RGB", (64, 64)), "strength": 0}, "strength must be"),
@@ -125,6 +146,28 @@ def test_requests_are_checked_against_the_bundle_alone(tiny_bundle, options, mes
     bundle = open_bundle(tiny_bundle("sd1", "split-einsum"))
     with pytest.raises(GenerationError, match=message):
         check_request(bundle, PROMPT, **options)
+
+
+def test_steps_up_to_the_schedulers_limit_and_no_more(tiny_bundle):
+    """Each scheduler takes up to the training timesteps (LCM: its distillation's steps), one
+    step each (PNDM: plus its repeated warm-up step), and refuses one more, naming the limit;
+    PNDM used to run 1002 steps all at timestep 1 for 1001."""
+    bundle = open_bundle(tiny_bundle("sd1", "split-einsum"))
+    for scheduler, limit in (("pndm", 1000), ("ddim", 1000), ("euler", 1000), ("dpmpp-2m", 1000), ("lcm", 50)):
+        check_request(bundle, PROMPT, steps=limit, scheduler=scheduler)
+        sched = make_scheduler(bundle, scheduler)
+        sched.set_timesteps(limit)
+        assert len(sched.timesteps) == limit + (scheduler == "pndm"), scheduler
+        with pytest.raises(GenerationError, match=f"at most {limit} steps"):
+            check_request(bundle, PROMPT, steps=limit + 1, scheduler=scheduler)
+
+
+def test_an_unsupported_bundle_scheduler_names_the_option(tiny_bundle):
+    bundle = open_bundle(tiny_bundle("sd1", "split-einsum"))
+    heun = dataclasses.replace(bundle, scheduler_config={**bundle.scheduler_config, "_class_name": "HeunDiscreteScheduler"})
+    with pytest.raises(GenerationError, match=r"'HeunDiscreteScheduler' is not supported; pick one with --scheduler \(pndm, "):
+        check_request(heun, PROMPT)
+    assert check_request(heun, PROMPT, scheduler="euler").scheduler == "euler"
 
 
 def test_a_request_is_reusable(pipe):
@@ -216,9 +259,12 @@ def test_chunked_unet_runs_as_one(tiny_bundle, tmp_path, pipe):
     packages = apple_packages(tiny_bundle("sd1", "split-einsum"), tmp_path / "repo", chunked=True)
     bundle = open_bundle(packages)
     assert len(bundle.models["Unet"].packages) == 2
-    a = Pipeline.from_bundle(packages, backend="mil")(PROMPT, steps=3, seed=4, scheduler="ddim")
+    chunked = Pipeline.from_bundle(packages, backend="mil")
+    a = chunked(PROMPT, steps=3, seed=4, scheduler="ddim")
     b = pipe(PROMPT, steps=3, seed=4, scheduler="ddim")
     assert psnr(np.asarray(a.images[0], float), np.asarray(b.images[0], float), peak=255) > 45
+    with pytest.raises(NonFiniteError, match=r"UNet at step 2 of 3 \(first at op \w+ '\w+'"):  # found through the chunks
+        chunked(PROMPT, steps=3, seed=4, scheduler="ddim", guidance_scale=1e30)
 
 
 def test_layout_errors(tiny_bundle, tmp_path):
