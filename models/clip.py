@@ -1,9 +1,15 @@
-"""The CLIP text encoder of Stable Diffusion, laid out for the Neural Engine.
+"""The CLIP text encoders of Stable Diffusion, laid out for the Neural Engine.
 
 Input: ``input_ids`` (B, 77) as float (Core ML programs take token ids as float32; they are
-exact integers below 2**24). Outputs: ``last_hidden_state`` (B, 77, C) after the final LayerNorm,
-as the UNet consumes it, and ``pooled_outputs`` (B, C), the hidden state at the first
-end-of-text token. The residual stream runs as (B, C, 1, 77) in between.
+exact integers below 2**24). The residual stream runs as (B, C, 1, 77) in between. Two outputs:
+
+* hidden states (B, 77, C): by default ``last_hidden_state``, the last layer's output after the
+  final LayerNorm, as SD 1.x / 2.x condition on it. With ``hidden_layer`` set, transformers'
+  ``hidden_states[hidden_layer]`` instead (0 = the embeddings, -1 = the last layer), which never
+  passes the final LayerNorm: SDXL conditions on ``-2`` of both its encoders (Apple's name for this
+  output: ``hidden_embeds``).
+* ``pooled_outputs`` (B, C): the final-LayerNorm output of the last layer at the first
+  end-of-text token (transformers' ``pooler_output``, whichever ``hidden_layer``).
 
 Built from a ``CLIPTextConfig``; weights come from a transformers ``CLIPTextModel`` through
 ``model_io.load_text_encoder``.
@@ -82,10 +88,23 @@ class EncoderLayer(nn.Module):
 
 
 class CLIPTextEncoder(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig, attention: AttentionImpl | str = AttentionImpl.SPLIT_EINSUM):
+    def __init__(
+        self,
+        cfg: CLIPTextConfig,
+        attention: AttentionImpl | str = AttentionImpl.SPLIT_EINSUM,
+        hidden_layer: int | None = None,
+    ):
         super().__init__()
         impl = AttentionImpl.parse(attention)
         self.cfg = cfg
+        # hidden_after: the number of layers whose output is read (None: last_hidden_state, after the
+        # final LayerNorm). transformers' hidden_states hold the embeddings, then each layer's output.
+        if hidden_layer is None:
+            self.hidden_after = None
+        elif -(cfg.num_layers + 1) <= hidden_layer <= cfg.num_layers:
+            self.hidden_after = hidden_layer % (cfg.num_layers + 1)
+        else:
+            raise ValueError(f"hidden_layer {hidden_layer} is outside the {cfg.num_layers + 1} hidden states of this encoder")
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.position_embedding = nn.Embedding(cfg.max_length, cfg.hidden_size)
         self.layers = nn.ModuleList(EncoderLayer(cfg, impl) for _ in range(cfg.num_layers))
@@ -103,15 +122,20 @@ class CLIPTextEncoder(nn.Module):
         return {"causal_mask": causal}
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids (B, 77) float or int -> last_hidden_state (B, 77, C), pooled_outputs (B, C)."""
+        """input_ids (B, 77) float or int -> hidden states (B, 77, C), pooled_outputs (B, C)."""
         ids = input_ids.long()
         x = self.token_embedding(ids) + self.position_embedding.weight[None]  # (B, S, C)
         x = x.transpose(1, 2).unsqueeze(2)  # (B, C, 1, S)
-        for layer in self.layers:
+        # Every layer runs whichever hidden state is read: the pooled output needs the last one.
+        chosen = x if self.hidden_after == 0 else None
+        for n, layer in enumerate(self.layers, start=1):
             x = layer(x, self.causal_mask)
+            if n == self.hidden_after:
+                chosen = x
         x = self.final_layer_norm(x)
-        hidden = x.squeeze(2).transpose(1, 2)  # (B, S, C)
+        final = x.squeeze(2).transpose(1, 2)  # (B, S, C)
+        hidden = final if chosen is None else chosen.squeeze(2).transpose(1, 2)
         # Pool at the first end-of-text token: argmax returns the first maximum.
         eos_at = (ids == self.cfg.eos_token_id).int().argmax(dim=1)
-        pooled = hidden[torch.arange(hidden.shape[0]), eos_at]
+        pooled = final[torch.arange(final.shape[0]), eos_at]
         return hidden, pooled

@@ -121,9 +121,13 @@ def load_unet(source: nn.Module, attention: AttentionImpl | str, query_chunk: in
     return load_weights(model, source.state_dict(), map_unet_weights)
 
 
-def load_text_encoder(source: nn.Module, attention: AttentionImpl | str) -> CLIPTextEncoder:
-    """A ``CLIPTextEncoder`` from a transformers ``CLIPTextModel`` (sharing its weights)."""
-    model = _on_meta(lambda: CLIPTextEncoder(CLIPTextConfig.from_transformers(source.config.to_dict()), attention))
+def load_text_encoder(
+    source: nn.Module, attention: AttentionImpl | str, hidden_layer: int | None = None
+) -> CLIPTextEncoder:
+    """A ``CLIPTextEncoder`` from a transformers ``CLIPTextModel`` (sharing its weights);
+    ``hidden_layer`` as in ``CLIPTextEncoder`` (SDXL's first encoder: -2)."""
+    cfg = CLIPTextConfig.from_transformers(source.config.to_dict())
+    model = _on_meta(lambda: CLIPTextEncoder(cfg, attention, hidden_layer))
     return load_weights(model, source.state_dict(), map_clip_weights)
 
 
