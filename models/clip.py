@@ -9,10 +9,13 @@ exact integers below 2**24). The residual stream runs as (B, C, 1, 77) in betwee
   passes the final LayerNorm: SDXL conditions on ``-2`` of both its encoders (Apple's name for this
   output: ``hidden_embeds``).
 * ``pooled_outputs`` (B, C): the final-LayerNorm output of the last layer at the first
-  end-of-text token (transformers' ``pooler_output``, whichever ``hidden_layer``).
+  end-of-text token (transformers' ``pooler_output``, whichever ``hidden_layer``); with a
+  ``projection_dim``, that vector through the bias-free ``text_projection`` instead, (B, P):
+  ``text_embeds`` of a ``CLIPTextModelWithProjection`` (SDXL's second encoder).
 
 Built from a ``CLIPTextConfig``; weights come from a transformers ``CLIPTextModel`` through
-``model_io.load_text_encoder``.
+``model_io.load_text_encoder``, or a ``CLIPTextModelWithProjection`` through
+``model_io.load_text_encoder_with_projection``.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class CLIPTextEncoder(nn.Module):
         cfg: CLIPTextConfig,
         attention: AttentionImpl | str = AttentionImpl.SPLIT_EINSUM,
         hidden_layer: int | None = None,
+        projection_dim: int | None = None,
     ):
         super().__init__()
         impl = AttentionImpl.parse(attention)
@@ -109,6 +113,8 @@ class CLIPTextEncoder(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_length, cfg.hidden_size)
         self.layers = nn.ModuleList(EncoderLayer(cfg, impl) for _ in range(cfg.num_layers))
         self.final_layer_norm = LayerNormBC1S(cfg.hidden_size, cfg.layer_norm_eps)
+        # None adds no parameter: SD 1.x / 2.x weight keys stay as they are.
+        self.text_projection = None if projection_dim is None else nn.Conv2d(cfg.hidden_size, projection_dim, 1, bias=False)
         for name, value in self.constant_buffers().items():
             self.register_buffer(name, value, persistent=False)
 
@@ -122,7 +128,7 @@ class CLIPTextEncoder(nn.Module):
         return {"causal_mask": causal}
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids (B, 77) float or int -> hidden states (B, 77, C), pooled_outputs (B, C)."""
+        """input_ids (B, 77) float or int -> hidden states (B, 77, C), pooled_outputs (B, C or P)."""
         ids = input_ids.long()
         x = self.token_embedding(ids) + self.position_embedding.weight[None]  # (B, S, C)
         x = x.transpose(1, 2).unsqueeze(2)  # (B, C, 1, S)
@@ -138,4 +144,6 @@ class CLIPTextEncoder(nn.Module):
         # Pool at the first end-of-text token: argmax returns the first maximum.
         eos_at = (ids == self.cfg.eos_token_id).int().argmax(dim=1)
         pooled = final[torch.arange(final.shape[0]), eos_at]
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled[:, :, None, None]).flatten(1)  # (B, P)
         return hidden, pooled

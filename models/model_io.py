@@ -131,6 +131,22 @@ def load_text_encoder(
     return load_weights(model, source.state_dict(), map_clip_weights)
 
 
+def load_text_encoder_with_projection(
+    source: nn.Module, attention: AttentionImpl | str, hidden_layer: int | None = None
+) -> CLIPTextEncoder:
+    """A ``CLIPTextEncoder`` whose pooled output is ``text_embeds``, from a transformers
+    ``CLIPTextModelWithProjection`` (SDXL's second encoder, with ``hidden_layer=-2``).
+
+    Its keys are ``text_projection.weight`` (projection_dim, hidden_size) beside the text model's,
+    which carry the ``text_model.`` prefix in transformers 5.x as in 4.x and in the published
+    files (unlike a 5.x ``CLIPTextModel``, whose own keys have lost it); ``map_clip_weights``
+    takes either, and a plain ``CLIPTextModel`` is refused for lacking the projection.
+    """
+    cfg = CLIPTextConfig.from_transformers(source.config.to_dict())
+    model = _on_meta(lambda: CLIPTextEncoder(cfg, attention, hidden_layer, projection_dim=source.config.projection_dim))
+    return load_weights(model, source.state_dict(), map_clip_weights)
+
+
 def load_vae_decoder(source: nn.Module, attention: AttentionImpl | str, query_chunk: int = 512) -> VAEDecoder:
     """A ``VAEDecoder`` from a diffusers ``AutoencoderKL``."""
     model = _on_meta(lambda: VAEDecoder(VAEConfig.from_diffusers(dict(source.config)), attention, query_chunk))
