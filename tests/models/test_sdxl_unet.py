@@ -146,3 +146,32 @@ def test_projection_width_without_text_time_is_refused():
     cfg = tiny_sdxl_unet_config() | {"addition_embed_type": None}
     with pytest.raises(ValueError, match="projection_class_embeddings_input_dim=80"):
         UNetConfig.from_diffusers(cfg)
+
+
+class _TextTime(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, text_embeds, time_ids):
+        return self.unet.text_time_embedding(text_embeds, time_ids)
+
+
+def test_time_ids_features_stay_float32_in_a_float16_program(reference, refiner):
+    """Converted with ``time_ids`` among the float32 features, the phases (up to ~1024 radians)
+    and their sin and cos stay float32 up to where they meet ``text_embeds``; the add_embedding's
+    convolutions run in float16 like the rest of the program."""
+    from coremltools.converters.mil.mil import types
+
+    from coreml_sd.convert.export import to_coreml, trace
+    from coreml_sd.families import TensorSpec
+
+    inputs = [TensorSpec("text_embeds", (2, TINY_SDXL_POOLED_DIM)), TensorSpec("time_ids", (2, SDXL_TIME_IDS[refiner]))]
+    module = _TextTime(load_unet(reference, AttentionImpl.SPLIT_EINSUM))
+    outputs = [TensorSpec("emb", (2, 4 * reference.config.block_out_channels[0], 1, 1))]
+    model = to_coreml(trace(module, inputs), inputs, outputs, {}, "text-time", ("time_ids",))
+    dtypes = {}
+    for op in model._mil_program.functions["main"].operations:
+        dtypes.setdefault(op.op_type, set()).add(types.builtin_to_string(op.outputs[0].dtype))
+    assert dtypes["sin"] == dtypes["cos"] == dtypes["mul"] == {"fp32"}
+    assert dtypes["conv"] == {"fp16"}
