@@ -1,8 +1,11 @@
-"""The Stable Diffusion 1.x / 2.x UNet, laid out for the Neural Engine.
+"""The Stable Diffusion 1.x / 2.x / XL UNet, laid out for the Neural Engine.
 
 Inputs as Core ML receives them: ``sample`` (B, 4, h, w) latents, ``timestep`` (B,) float and
-``encoder_hidden_states`` (B, C_text, 1, 77), the text embeddings already in (B, C, 1, S) layout.
-Output: the model prediction (B, 4, h, w) (noise or v, per the checkpoint).
+``encoder_hidden_states`` (B, C_text, 1, 77), the text embeddings already in (B, C, 1, S) layout;
+SDXL UNets (``addition_embed_type="text_time"``) also take ``text_embeds`` (B, P), the pooled
+text embedding, and ``time_ids`` (B, N), the size and crop conditioning (N = 6: original size,
+crop offset, target size) or, for the refiner, N = 5 (the target size replaced by an aesthetic
+score). Output: the model prediction (B, 4, h, w) (noise or v, per the checkpoint).
 
 Inside the transformer blocks activations are (B, C, 1, H*W); linear layers are 1x1
 convolutions, LayerNorm works over channels, attention is one of ``AttentionImpl``. The module is
@@ -37,7 +40,7 @@ def _per_block(value: Any, n: int, name: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """The architecture fields of a diffusers ``UNet2DConditionModel`` config that SD 1.x/2.x use."""
+    """The architecture fields of a diffusers ``UNet2DConditionModel`` config that SD 1.x/2.x/XL use."""
 
     in_channels: int
     out_channels: int
@@ -53,13 +56,18 @@ class UNetConfig:
     norm_eps: float
     flip_sin_to_cos: bool
     freq_shift: float
+    # SDXL's "text_time" addition embedding (None without it): the width of each time id's
+    # sinusoidal features, and the input width of ``add_embedding`` (P + N * that width; diffusers
+    # calls it ``projection_class_embeddings_input_dim``).
+    addition_time_embed_dim: int | None = None
+    addition_embed_dim: int | None = None
 
     # Config values under which these fields mean what this module computes; anything else in
     # a checkpoint's config is refused by name rather than silently converted wrong.
     _REQUIRED = {
         "mid_block_type": ("UNetMidBlock2DCrossAttn",),
         "class_embed_type": (None,),
-        "addition_embed_type": (None,),
+        "addition_embed_type": (None, "text_time"),
         "encoder_hid_dim": (None,),
         "time_embedding_type": ("positional",),
         "time_cond_proj_dim": (None,),
@@ -81,7 +89,6 @@ class UNetConfig:
         "time_embedding_dim": (None,),
         "time_embedding_act_fn": (None,),
         "timestep_post_act": (None,),
-        "projection_class_embeddings_input_dim": (None,),
         "class_embeddings_concat": (False,),
         "mid_block_only_cross_attention": (None, False),
         "cross_attention_norm": (None,),
@@ -105,6 +112,10 @@ class UNetConfig:
         heads = cfg.get("num_attention_heads") or cfg["attention_head_dim"]
         if not isinstance(cfg["layers_per_block"], int):
             raise ValueError("unsupported UNet config: layers_per_block per block")
+        transformer_layers = _per_block(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
+        if not all(isinstance(layers, int) for layers in transformer_layers):
+            raise ValueError(f"unsupported UNet config: transformer_layers_per_block={cfg['transformer_layers_per_block']!r}")
+        time_dim, embed_dim = cls._text_time(cfg)
         return cls(
             in_channels=cfg["in_channels"],
             out_channels=cfg["out_channels"],
@@ -114,13 +125,34 @@ class UNetConfig:
             up_block_types=up,
             cross_attention_dim=cfg["cross_attention_dim"],
             num_heads=_per_block(heads, n, "attention heads"),
-            transformer_layers=_per_block(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block"),
+            transformer_layers=transformer_layers,
             use_linear_projection=bool(cfg.get("use_linear_projection", False)),
             norm_num_groups=cfg.get("norm_num_groups", 32),
             norm_eps=cfg.get("norm_eps", 1e-5),
             flip_sin_to_cos=cfg.get("flip_sin_to_cos", True),
             freq_shift=cfg.get("freq_shift", 0),
+            addition_time_embed_dim=time_dim,
+            addition_embed_dim=embed_dim,
         )
+
+    @staticmethod
+    def _text_time(cfg: dict[str, Any]) -> tuple[int | None, int | None]:
+        """(addition_time_embed_dim, projection input width) of an SDXL config, (None, None) otherwise."""
+        time_dim, embed_dim = cfg.get("addition_time_embed_dim"), cfg.get("projection_class_embeddings_input_dim")
+        if cfg.get("addition_embed_type") != "text_time":
+            # diffusers reads the projection width only for an addition or class embedding: refused
+            # above, so a width here would describe weights this module does not have.
+            if embed_dim is not None:
+                raise ValueError(f"unsupported UNet config: projection_class_embeddings_input_dim={embed_dim!r}")
+            return None, None
+        if not isinstance(time_dim, int) or not isinstance(embed_dim, int):
+            raise ValueError(
+                "unsupported UNet config: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                f"projection_class_embeddings_input_dim, not {time_dim!r} and {embed_dim!r}"
+            )
+        if time_dim % 2:  # diffusers zero-pads odd widths; no published model has one
+            raise ValueError(f"unsupported UNet config: addition_time_embed_dim={time_dim!r} (odd)")
+        return time_dim, embed_dim
 
 
 class FeedForward(nn.Module):
@@ -203,6 +235,11 @@ class UNet(nn.Module):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = nn.ModuleDict({"linear_1": nn.Conv2d(ch[0], temb, 1), "linear_2": nn.Conv2d(temb, temb, 1)})
+        self.add_embedding = None
+        if cfg.addition_embed_dim is not None:
+            self.add_embedding = nn.ModuleDict(
+                {"linear_1": nn.Conv2d(cfg.addition_embed_dim, temb, 1), "linear_2": nn.Conv2d(temb, temb, 1)}
+            )
 
         self.down_blocks = nn.ModuleList()
         c_prev = ch[0]
@@ -240,9 +277,16 @@ class UNet(nn.Module):
 
     def constant_buffers(self) -> dict[str, torch.Tensor]:
         """Buffers computed from the config, not loaded (rebuilt after a meta-device construction)."""
-        half = self.cfg.block_out_channels[0] // 2
+        buffers = {"time_freqs": self._frequencies(self.cfg.block_out_channels[0])}
+        if self.cfg.addition_time_embed_dim is not None:
+            buffers["add_time_freqs"] = self._frequencies(self.cfg.addition_time_embed_dim)
+        return buffers
+
+    def _frequencies(self, width: int) -> torch.Tensor:
+        """The width // 2 frequencies of diffusers' ``get_timestep_embedding`` (max period 10000)."""
+        half = width // 2
         exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device="cpu") / (half - self.cfg.freq_shift)
-        return {"time_freqs": torch.exp(exponent)}
+        return torch.exp(exponent)
 
     def _skip_channels(self) -> list[int]:
         """Channels of each skip tensor the down path leaves, in push order."""
@@ -253,18 +297,59 @@ class UNet(nn.Module):
                 out.append(ch[i])
         return out
 
+    def _sinusoid(self, args: torch.Tensor) -> torch.Tensor:
+        """sin and cos of phases (..., F), concatenated in the config's order: (..., 2F)."""
+        sin, cos = torch.sin(args), torch.cos(args)
+        return torch.cat([cos, sin] if self.cfg.flip_sin_to_cos else [sin, cos], dim=-1)
+
     def time_features(self, timestep: torch.Tensor) -> torch.Tensor:
         """Sinusoidal features of the (possibly fractional) timesteps: (B,) -> (B, C0, 1, 1)."""
         args = timestep.float()[:, None] * self.time_freqs[None, :]
-        sin, cos = torch.sin(args), torch.cos(args)
-        emb = torch.cat([cos, sin] if self.cfg.flip_sin_to_cos else [sin, cos], dim=1)
-        return emb[:, :, None, None]
+        return self._sinusoid(args)[:, :, None, None]
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """sample (B, 4, h, w), timestep (B,), encoder_hidden_states (B, C_text, 1, 77) -> (B, 4, h, w)."""
+    def time_ids_features(self, time_ids: torch.Tensor) -> torch.Tensor:
+        """Sinusoidal features of each time id, one id's after another: (B, N) -> (B, N*D, 1, 1).
+
+        Computed like ``time_features`` from the input alone up to the concatenation, because the
+        ids are sizes of up to ~1024 and the phases need float32 just as the timestep's do (see
+        ``convert/export.float32_features_of``, which keeps these ops float32 when the input is
+        listed); the features, in [-1, 1], are rounded to float16 where they meet ``text_embeds``.
+        """
+        b = time_ids.shape[0]
+        args = time_ids.float()[:, :, None] * self.add_time_freqs[None, None, :]  # (B, N, D/2)
+        return self._sinusoid(args).reshape(b, -1, 1, 1)
+
+    def text_time_embedding(self, text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+        """SDXL's addition to the time embedding: text_embeds (B, P), time_ids (B, N) -> (B, 4*C0, 1, 1)."""
+        b, p = text_embeds.shape
+        n = time_ids.shape[1]
+        if p + n * self.cfg.addition_time_embed_dim != self.cfg.addition_embed_dim:
+            raise ValueError(
+                f"text_embeds width {p} and {n} time ids of {self.cfg.addition_time_embed_dim} features do not "
+                f"make the add_embedding input width {self.cfg.addition_embed_dim}"
+            )
+        features = torch.cat([text_embeds.reshape(b, p, 1, 1), self.time_ids_features(time_ids)], dim=1)
+        emb = self.add_embedding["linear_1"](features)
+        return self.add_embedding["linear_2"](F.silu(emb))
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """sample (B, 4, h, w), timestep (B,), encoder_hidden_states (B, C_text, 1, 77) -> (B, 4, h, w);
+        text_embeds (B, P) and time_ids (B, N) exactly when the config has the text-time embedding."""
         context = encoder_hidden_states
         temb = self.time_embedding["linear_1"](self.time_features(timestep))
         temb = self.time_embedding["linear_2"](F.silu(temb))  # (B, 4*C0, 1, 1)
+        if (text_embeds is None, time_ids is None) != (self.add_embedding is None,) * 2:
+            wanted = "needs" if self.add_embedding is not None else "takes no"
+            raise ValueError(f"this UNet {wanted} text_embeds and time_ids")
+        if self.add_embedding is not None:
+            temb = temb + self.text_time_embedding(text_embeds, time_ids)
 
         x = self.conv_in(sample)
         skips = [x]

@@ -39,6 +39,8 @@ __all__ = [
     "init_weights",
     "tiny_model_index",
     "tiny_scheduler_config",
+    "tiny_sdxl_unet",
+    "tiny_sdxl_unet_config",
     "tiny_text_encoder",
     "tiny_text_encoder_config",
     "tiny_tokenizer_config",
@@ -113,6 +115,70 @@ def tiny_unet_config(family: str = "sd1", sample_size: int = 8) -> dict[str, Any
             attention_head_dim=[2, 4],
             use_linear_projection=True,
             upcast_attention=True,
+        )
+    return config
+
+
+# SDXL's conditioning widths in the tiny models: the pooled text embedding (``text_embeds``; 1280 in
+# SDXL, the second encoder's projection) and each time id's sinusoidal features (256 in SDXL).
+TINY_SDXL_POOLED_DIM = 32
+TINY_SDXL_TIME_EMBED_DIM = 8
+SDXL_TIME_IDS = {False: 6, True: 5}  # base: original size, crop, target size; refiner: aesthetic score for the target
+
+
+def tiny_sdxl_unet_config(refiner: bool = False, sample_size: int = 16) -> dict[str, Any]:
+    """``UNet2DConditionModel`` config shaped like SDXL base (or refiner) at a tiny size.
+
+    Kept from SDXL: the "text_time" addition embedding (``text_embeds`` plus sinusoidal features of
+    each time id; 6 ids for the base, 5 for the refiner), a first level without attention, a list
+    ``attention_head_dim`` (a head width of 16 everywhere here), linear projections, two layers per
+    block. The base has three levels with transformer depths [1, 1, 2], so the deepest is deeper, as
+    SDXL's [1, 2, 10] are, and the up path must reverse them; its cross-attention width (64) is
+    wider than the pooled embedding (32), as SDXL's concatenated two encoders (2048) are wider than
+    the second encoder's pooled output (1280). The refiner, like SDXL's, has four levels of which
+    the last is without attention, one int depth and one text width (the second encoder only).
+
+    The default ``sample_size`` of 16 latents puts attention at 8x8 and 4x4 (and 2x2 below).
+    """
+    n_ids = SDXL_TIME_IDS[refiner]
+    config: dict[str, Any] = {
+        "act_fn": "silu",
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,  # as SDXL's config has it; read only for "text" embeddings
+        "addition_time_embed_dim": TINY_SDXL_TIME_EMBED_DIM,
+        "center_input_sample": False,
+        "class_embed_type": None,
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "norm_eps": 1e-05,
+        "norm_num_groups": 8,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": TINY_SDXL_POOLED_DIM + n_ids * TINY_SDXL_TIME_EMBED_DIM,
+        "sample_size": sample_size,
+        "use_linear_projection": True,
+    }
+    if not refiner:
+        config.update(
+            attention_head_dim=[2, 3, 4],
+            block_out_channels=[32, 48, 64],
+            cross_attention_dim=64,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            transformer_layers_per_block=[1, 1, 2],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        )
+    else:
+        config.update(
+            attention_head_dim=[1, 2, 3, 3],
+            block_out_channels=[16, 32, 48, 48],
+            cross_attention_dim=TINY_SDXL_POOLED_DIM,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            transformer_layers_per_block=2,
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
         )
     return config
 
@@ -239,6 +305,14 @@ def tiny_unet(family: str = "sd1", sample_size: int = 8, seed: int = 0):
 
     unet = UNet2DConditionModel.from_config(tiny_unet_config(family, sample_size))
     return init_weights(unet, seed, "unet").eval()
+
+
+def tiny_sdxl_unet(refiner: bool = False, sample_size: int = 16, seed: int = 0):
+    """A deterministically initialised tiny SDXL-shaped ``UNet2DConditionModel`` in eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(tiny_sdxl_unet_config(refiner, sample_size))
+    return init_weights(unet, seed, "unet_refiner" if refiner else "unet").eval()
 
 
 # A random UNet is no denoiser: its noise prediction is not correlated with the latents the way a
