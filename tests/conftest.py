@@ -7,10 +7,18 @@ that enables them, never silently dropped.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Each xdist worker takes one core: with torch's default of a thread per core, N workers on N
+# cores fight over them (conversions and parity runs are torch-heavy). Set before any test module
+# imports torch, and inherited by the CLIs the tests start.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
