@@ -60,7 +60,10 @@ def test_record_is_internally_consistent(record):
     for run in result["runs"]:
         stages = run["text_encoder_s"] + run["denoise_s"] + run["vae_decoder_s"]
         assert run["end_to_end_s"] >= stages > 0
-    assert result["iterations_per_second"] == pytest.approx(STEPS / result["denoise_s"], rel=1e-3)
+    # denoise_s is recorded to 0.1 ms and iterations_per_second to 1e-4, both from the unrounded
+    # median: for the tiny model's ~50 ms loops the rounding alone moves STEPS / denoise_s by 0.1%.
+    denoise, ips = result["denoise_s"], result["iterations_per_second"]
+    assert STEPS / (denoise + 5e-5) - 5e-5 <= ips <= STEPS / (denoise - 5e-5) + 5e-5
     assert result["unet_ms_per_step"]["median"] > result["host_ms_per_step"]["median"] > 0
     assert result["import_s"] > 0 and result["load_cold_s"] > 0 and result["load_warm_s"] > 0
     assert result["peak_rss_bytes"] > 100 * 2**20
