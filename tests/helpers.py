@@ -59,3 +59,17 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
     """``python -c CODE ARGS`` in a fresh interpreter, its output captured as text; ``code`` is
     dedented, so it may be written indented inside a test."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, timeout=300)
+
+
+def prompt_ids(pad: int):
+    """Two tokenised prompts of different lengths as a (2, 77) torch tensor, padded with ``pad``:
+    start token, "a photo of a cat" / 39 other ids, end token."""
+    import torch
+
+    ids = torch.full((2, 77), pad)
+    ids[:, 0] = 49406
+    ids[0, 1:6] = torch.tensor([320, 1125, 539, 320, 2368])  # a photo of a cat
+    ids[0, 6] = 49407
+    ids[1, 1:40] = torch.arange(1000, 1039)
+    ids[1, 40] = 49407
+    return ids

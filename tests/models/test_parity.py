@@ -13,7 +13,7 @@ import torch
 
 from coreml_sd.models import AttentionImpl, load_text_encoder, load_unet, load_vae_decoder, load_vae_encoder
 from coreml_sd.testing.tiny_pipelines import tiny_text_encoder, tiny_unet, tiny_vae
-from helpers import FAMILIES, rel_err
+from helpers import FAMILIES, prompt_ids, rel_err
 
 IMPLS = list(AttentionImpl)
 TOL = 1e-4
@@ -52,12 +52,7 @@ def test_text_encoder(family, impl, eos_token_id):
     ref = tiny_text_encoder(family, seed=2, eos_token_id=eos_token_id)
     assert ref.config.eos_token_id == eos_token_id
     pad = 49407 if family == "sd1" else 0  # SD 1.x pads with the end token, SD 2.x with "!"
-    ids = torch.full((2, 77), pad)
-    ids[:, 0] = 49406
-    ids[0, 1:6] = torch.tensor([320, 1125, 539, 320, 2368])  # a photo of a cat
-    ids[0, 6] = 49407
-    ids[1, 1:40] = torch.arange(1000, 1039)
-    ids[1, 40] = 49407
+    ids = prompt_ids(pad)
     ours = load_text_encoder(ref, impl)
     with torch.no_grad():
         want = ref(ids)

@@ -19,7 +19,7 @@ import torch
 
 from coreml_sd.models import AttentionImpl, load_text_encoder, load_text_encoder_with_projection
 from coreml_sd.testing.tiny_pipelines import init_weights, tiny_text_encoder, tiny_text_encoder_config
-from helpers import rel_err
+from helpers import prompt_ids, rel_err
 
 IMPLS = list(AttentionImpl)
 TOL = 1e-4
@@ -45,17 +45,6 @@ def encoder_2(eos_token_id: int):
     }
     model = CLIPTextModelWithProjection(CLIPTextConfig(**fields))
     return init_weights(model, 12, "text_encoder_2").eval()
-
-
-def prompt_ids(pad: int) -> torch.Tensor:
-    """Two tokenised prompts of different lengths, padded to 77 with ``pad``."""
-    ids = torch.full((2, 77), pad)
-    ids[:, 0] = 49406
-    ids[0, 1:6] = torch.tensor([320, 1125, 539, 320, 2368])  # a photo of a cat
-    ids[0, 6] = 49407
-    ids[1, 1:40] = torch.arange(1000, 1039)
-    ids[1, 40] = 49407
-    return ids
 
 
 @pytest.mark.parametrize("eos_token_id", EOS_TOKEN_IDS)
