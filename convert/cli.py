@@ -13,11 +13,10 @@ from pathlib import Path
 
 import click
 
-from ..families import COMPONENTS
+from ..families import COMPONENT_NAMES
 from ..system import INSTALL_CONVERT_EXTRA
 
 _ATTENTION = ("original", "split-einsum", "split-einsum-v2")
-_DEFAULT_COMPONENTS = ",".join(COMPONENTS)
 # What the `convert` extra of pyproject.toml installs, as imported (torch first: the others need it).
 CONVERT_EXTRA = ("torch", "safetensors", "transformers", "diffusers", "filelock")
 
@@ -36,9 +35,9 @@ def require_convert_extra(command: str) -> None:
 
 def _components(ctx, param, value: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(c.strip() for c in value.split(",") if c.strip()))
-    unknown = [c for c in names if c not in COMPONENTS]
+    unknown = [c for c in names if c not in COMPONENT_NAMES]
     if unknown or not names:
-        raise click.BadParameter(f"unknown component {', '.join(unknown) or '(none)'}; choose from {', '.join(COMPONENTS)}")
+        raise click.BadParameter(f"unknown component {', '.join(unknown) or '(none)'}; choose from {', '.join(COMPONENT_NAMES)}")
     return names
 
 
@@ -52,7 +51,8 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
     show_default=True,
     help="split-einsum(-v2) for the Neural Engine, original for the GPU.",
 )
-@click.option("--components", default=_DEFAULT_COMPONENTS, show_default=True, callback=_components, help="Comma-separated list.")
+@click.option("--components", callback=lambda ctx, param, value: value and _components(ctx, param, value),
+              help=f"Comma-separated, from {', '.join(COMPONENT_NAMES)} [default: all the model has].")
 @click.option("--height", type=int, help="Image height in pixels (default: the model's native size).")
 @click.option("--width", type=int, help="Image width in pixels (default: the model's native size).")
 @click.option("--unet-batch-one", is_flag=True, help="UNet takes batch 1 (two calls per step with guidance; less memory).")
@@ -82,7 +82,7 @@ def convert(source, out, attention, components, height, width, unet_batch_one, r
 
     opts = ConvertOptions(
         attention=attention,
-        components=components,
+        components=components or None,
         height=height,
         width=width,
         unet_batch=1 if unet_batch_one else 2,

@@ -20,6 +20,7 @@ import torch
 from ..families import ComponentSpec
 from ..models import AttentionImpl, load_text_encoder, load_unet, load_vae_decoder, load_vae_encoder
 from ..models.clip import CLIPTextConfig
+from ..models.model_io import load_text_encoder_with_projection
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
 from .source import Source
@@ -32,7 +33,7 @@ def source_config(source: Source, part: str, missing_ok: bool = False) -> dict[s
     ``SourceError``, or with ``missing_ok`` the class's defaults alone (what a bundle without VAE
     models records of the VAE it will be used with: diffusers' default scaling factor)."""
     file_config = {} if missing_ok and not source.has_config(part) else source.config(part)
-    if part == "text_encoder":
+    if part.startswith("text_encoder"):
         from transformers import CLIPTextConfig as TransformersConfig
 
         return TransformersConfig.from_dict(file_config).to_dict()
@@ -56,8 +57,18 @@ class Builder:
     build: Build
 
 
+def _projected(config: dict[str, Any]) -> CLIPTextConfig:
+    """The architecture of a text encoder with a projection, which its config must size."""
+    if not config.get("projection_dim"):
+        raise ValueError("its text encoder config gives no projection_dim, which SDXL's second encoder has")
+    return CLIPTextConfig.from_transformers(config)
+
+
+# By ``ComponentSpec.module``. SDXL's encoders condition on their penultimate layer (-2).
 BUILDERS: dict[str, Builder] = {
     "text-encoder": Builder(CLIPTextConfig.from_transformers, lambda m, a, q: load_text_encoder(m, a)),
+    "text-encoder-penultimate": Builder(CLIPTextConfig.from_transformers, lambda m, a, q: load_text_encoder(m, a, -2)),
+    "text-encoder-projection-penultimate": Builder(_projected, lambda m, a, q: load_text_encoder_with_projection(m, a, -2)),
     "unet": Builder(UNetConfig.from_diffusers, load_unet),
     "vae-decoder": Builder(VAEConfig.from_diffusers, load_vae_decoder),
     "vae-encoder": Builder(VAEConfig.from_diffusers, load_vae_encoder),
@@ -66,4 +77,4 @@ BUILDERS: dict[str, Builder] = {
 
 def build_module(source: Source, spec: ComponentSpec, attention: AttentionImpl, query_chunk: int) -> torch.nn.Module:
     """The Neural-Engine-shaped module of ``spec``, holding the source's weights (float32)."""
-    return BUILDERS[spec.cli_name].build(source.load(spec.source_part), attention, query_chunk)
+    return BUILDERS[spec.module].build(source.load(spec.source_part), attention, query_chunk)

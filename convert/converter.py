@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import __version__
 from ..contract import MERGES, SCHEDULER_CONFIG, VOCAB
-from ..families import COMPONENTS, ComponentSpec, Family, Geometry, family
+from ..families import COMPONENT_NAMES, ComponentSpec, EncoderWidths, Family, Geometry, family
 from ..models import AttentionImpl
 from ..system import peak_rss_bytes, tool_versions
 from .bundle import BundleWriter, check_output, recipe_hash
@@ -29,8 +29,6 @@ from .components import BUILDERS, build_module, source_config
 from .export import can_compile, compile_package, to_coreml, trace
 from .source import Source
 from .support import SUPPORTED
-
-DEFAULT_COMPONENTS = tuple(COMPONENTS)
 
 
 class ConvertError(Exception):
@@ -40,7 +38,7 @@ class ConvertError(Exception):
 @dataclass(frozen=True)
 class ConvertOptions:
     attention: str = AttentionImpl.SPLIT_EINSUM.value
-    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    components: tuple[str, ...] | None = None  # --components names; None: every one the family has
     height: int | None = None  # image pixels; default: the model's native size
     width: int | None = None
     unet_batch: int = 2
@@ -92,13 +90,17 @@ def plan(source: Source, out: Path, opts: ConvertOptions = ConvertOptions()) -> 
     source that downloads them). Raises ``ConvertError``, ``SourceError`` or ``OutputError``."""
     attention = AttentionImpl.parse(opts.attention)
     fam = family(source.family)
-    unknown = [c for c in opts.components if c not in COMPONENTS]
-    if unknown or not opts.components:
-        raise ConvertError(f"unknown component {', '.join(unknown) or '(none)'}: choose from {', '.join(COMPONENTS)}")
-    components = tuple(c for c in fam.components if c.cli_name in opts.components)
-    configs = _configs(source, components)  # a component the checkpoint lacks fails here
+    names = [c.cli_name for c in fam.components]
+    requested = names if opts.components is None else opts.components
+    unknown = [c for c in requested if c not in COMPONENT_NAMES]
+    if unknown or not requested:
+        raise ConvertError(f"unknown component {', '.join(unknown) or '(none)'}: choose from {', '.join(names)}")
+    if absent := [c for c in requested if c not in names]:
+        raise ConvertError(f"{source.id} is {fam.label}, which has no {', '.join(absent)}: choose from {', '.join(names)}")
+    components = tuple(c for c in fam.components if c.cli_name in requested)
+    configs = _configs(source, fam, components)  # a component the checkpoint lacks fails here
     architectures = _architectures(source.id, components, configs)
-    geometry = _geometry(source.id, fam, opts, configs["unet"], architectures)
+    geometry = _geometry(source.id, fam, opts, configs, architectures)
     do_compile = can_compile() if opts.compile is None else opts.compile
     if do_compile and not can_compile():
         raise ConvertError("compiling to .mlmodelc needs macOS (Core ML); drop --compile on this system")
@@ -110,13 +112,17 @@ def plan(source: Source, out: Path, opts: ConvertOptions = ConvertOptions()) -> 
                 opts.overwrite, tokenizer, tool_versions())
 
 
-def _configs(source: Source, components: tuple[ComponentSpec, ...]) -> dict[str, dict[str, Any]]:
+def _configs(source: Source, fam: Family, components: tuple[ComponentSpec, ...]) -> dict[str, dict[str, Any]]:
     """Every config the conversion reads, each read once (``source_config``): the UNet's (sizes
     come from it), that of each part a requested component is built from (a part the pipeline
-    lacks is a ``SourceError``), and the VAE's in any case: the manifest records its scaling
-    factor (diffusers' default for a pipeline without VAE)."""
+    lacks is a ``SourceError``), those of the family's text encoders the pipeline has (their
+    widths must add up to the UNet's), and the VAE's in any case: the manifest records its
+    scaling factor (diffusers' default for a pipeline without VAE)."""
     parts = dict.fromkeys(["unet", *(c.source_part for c in components)])
     configs = {part: source_config(source, part) for part in parts}
+    for spec in fam.components:
+        if spec.name in fam.conditioning.models and spec.source_part not in configs and source.has_config(spec.source_part):
+            configs[spec.source_part] = source_config(source, spec.source_part)
     if "vae" not in configs:
         configs["vae"] = source_config(source, "vae", missing_ok=True)
     return configs
@@ -132,7 +138,7 @@ def _architectures(source_id: str, components: tuple[ComponentSpec, ...], config
         if spec.source_part in architectures:  # the VAE's decoder and encoder: one config
             continue
         try:
-            architectures[spec.source_part] = BUILDERS[spec.cli_name].architecture(configs[spec.source_part])
+            architectures[spec.source_part] = BUILDERS[spec.module].architecture(configs[spec.source_part])
         except KeyError as exc:
             raise ConvertError(f"{source_id}: its {spec.source_part} config has no field {exc}; {SUPPORTED}") from None
         except (ValueError, TypeError) as exc:
@@ -168,9 +174,11 @@ def _native_size(source_id: str, sample_size: Any, vae_scale: int) -> tuple[int,
     return sides[0] * vae_scale, sides[1] * vae_scale
 
 
-def _geometry(source_id: str, fam: Family, opts: ConvertOptions, unet: dict[str, Any], architectures: dict[str, Any]) -> Geometry:
-    """Sizes for every component, from the UNet's config ``unet`` (every pipeline has one) and the
-    flags; checked against the requested parts' ``architectures``."""
+def _geometry(source_id: str, fam: Family, opts: ConvertOptions, configs: dict[str, dict[str, Any]],
+              architectures: dict[str, Any]) -> Geometry:
+    """Sizes for every component, from the UNet's config (every pipeline has one), the text
+    encoders' and the flags; checked against the requested parts' ``architectures``."""
+    unet = configs["unet"]
     scale = fam.vae_scale
     unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
     native = _native_size(source_id, unet.get("sample_size"), scale)
@@ -179,17 +187,54 @@ def _geometry(source_id: str, fam: Family, opts: ConvertOptions, unet: dict[str,
     if opts.unet_batch not in (1, 2):
         raise ConvertError(f"UNet batch {opts.unet_batch}: use 2 (default) or 1 (--unet-batch-one)")
     geometry = Geometry(height, width, opts.unet_batch, unet["cross_attention_dim"], vae_scale=scale,
-                        latent_channels=fam.latent_channels)
-    text = architectures.get("text_encoder")
-    if text is not None and (text.hidden_size, text.max_length) != (geometry.text_dim, geometry.max_length):
-        raise ConvertError(
-            f"{source_id}: its text encoder gives {text.max_length} x {text.hidden_size} embeddings, its UNet reads"
-            f" {geometry.max_length} x {geometry.text_dim}: the parts are not of one Stable Diffusion pipeline"
-        )
+                        latent_channels=fam.latent_channels, encoders=_encoder_widths(source_id, fam, configs),
+                        pooled_dim=_pooled_dim(fam, unet), time_ids=fam.time_ids)
+    _check_text_widths(source_id, fam, geometry)
     vae = architectures.get("vae")
     if vae is not None and (vae_factor := 2 ** (len(vae.block_out_channels) - 1)) != scale:
         raise ConvertError(f"{source_id}: its VAE scales images by {vae_factor}, not {scale} as {fam.label}'s does; {SUPPORTED}")
     return geometry
+
+
+def _encoder_widths(source_id: str, fam: Family, configs: dict[str, dict[str, Any]]) -> tuple[tuple[str, EncoderWidths], ...]:
+    """The output widths of each of the family's text encoders whose config was read; their
+    prompts must be 77 tokens, as every model of the bundle is converted for."""
+    widths = []
+    for spec in fam.components:
+        config = configs.get(spec.source_part)
+        if spec.name not in fam.conditioning.models or config is None:
+            continue
+        if config["max_position_embeddings"] != Geometry.max_length:
+            raise ConvertError(f"{source_id}: its {spec.source_part} reads {config['max_position_embeddings']} tokens,"
+                               f" not {Geometry.max_length} as {fam.label}'s do; {SUPPORTED}")
+        pooled = config["projection_dim"] if "projection" in spec.module else config["hidden_size"]
+        widths.append((spec.name, EncoderWidths(config["hidden_size"], pooled)))
+    return tuple(widths)
+
+
+def _pooled_dim(fam: Family, unet: dict[str, Any]) -> int:
+    """The width of an SDXL UNet's ``text_embeds``: its added embedding's input less the time ids'."""
+    if fam.conditioning.pooled is None:
+        return 0
+    return unet["projection_class_embeddings_input_dim"] - fam.time_ids * unet["addition_time_embed_dim"]
+
+
+def _check_text_widths(source_id: str, fam: Family, g: Geometry) -> None:
+    """The text encoders' hidden widths add up to the UNet's cross-attention width, and the pooled
+    encoder's pooled width is the UNet's ``text_embeds`` width, when their configs are known."""
+    known = dict(g.encoders)
+    if len(known) == len(fam.conditioning.models) and (total := sum(w.hidden for w in known.values())) != g.text_dim:
+        widths = " + ".join(str(w.hidden) for w in known.values())
+        raise ConvertError(
+            f"{source_id}: its text encoders give {widths} = {total}-wide embeddings, its UNet reads {g.text_dim}-wide"
+            f" ones: the parts are not of one {fam.label} pipeline"
+        )
+    pooled = known.get(fam.conditioning.pooled or "")
+    if pooled is not None and pooled.pooled != g.pooled_dim:
+        raise ConvertError(
+            f"{source_id}: its {fam.conditioning.pooled} pools {pooled.pooled}-wide embeddings, its UNet reads"
+            f" {g.pooled_dim}-wide ones: the parts are not of one {fam.label} pipeline"
+        )
 
 
 # ------------------------------------------------------------------ 2. one component
@@ -292,6 +337,8 @@ def write_manifest(p: Plan, writer: BundleWriter) -> Path:
         "vae": {"scaling_factor": p.configs["vae"]["scaling_factor"]},
         "tools": p.tools,
     }
+    if p.family.conditioning.pooled:  # SDXL: the UNet's extra inputs, and the pipeline's options
+        manifest["conditioning"] = {"pooled_dim": g.pooled_dim, "time_ids": g.time_ids, **p.source.pipeline_options()}
     return writer.finish(manifest, [VOCAB, MERGES, SCHEDULER_CONFIG])
 
 

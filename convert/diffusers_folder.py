@@ -36,11 +36,13 @@ CONFIG_PATTERNS = [
     "model_index.json",
     "scheduler/scheduler_config.json",
     "tokenizer/*",
+    "tokenizer_2/*",
     *(f"{component}/config.json" for component in COMPONENTS),
 ]
 # Weight file stems (diffusers' models, transformers' text encoder) per format.
 _STEMS = {
-    fmt: {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": text_encoder}
+    fmt: {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": text_encoder,
+          "text_encoder_2": text_encoder}
     for fmt, text_encoder in (("safetensors", "model"), ("bin", "pytorch_model"))
 }
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -152,7 +154,7 @@ def _pad_token(folder: Path, family: str) -> str:
             pad = pad.get("content") if isinstance(pad, dict) else pad  # a serialised AddedToken
             if isinstance(pad, str):
                 return pad
-    return "!" if family == "sd2" else "<|endoftext|>"
+    return "!" if family in ("sd2", "sdxl-refiner") else "<|endoftext|>"
 
 
 # -- the hub ----------------------------------------------------------------------------------
@@ -247,11 +249,15 @@ class DiffusersFolder:
         return read_json(path, f"{self.where} has no scheduler; pass a full pipeline")
 
     def tokenizer_files(self, family: str) -> tuple[Path, Path, str]:
-        """``vocab.json``, ``merges.txt`` and the pad token string (else ``family``'s) of the tokenizer."""
-        folder = self.root / "tokenizer"
+        """``vocab.json``, ``merges.txt`` and the pad token string (else ``family``'s) of the tokenizer
+        of the first text encoder: ``tokenizer_2`` for SDXL's refiner, which has only the second.
+        (SDXL's two tokenizers share one vocabulary and differ in their pad token, which the
+        runtime takes from the family for the second, as Apple's Swift pipeline does.)"""
+        part = "tokenizer_2" if family == "sdxl-refiner" else "tokenizer"
+        folder = self.root / part
         for name in ("vocab.json", "merges.txt"):
             if not (folder / name).is_file():
-                raise SourceError(f"{self.where} has no tokenizer/{name}: pass a full pipeline")
+                raise SourceError(f"{self.where} has no {part}/{name}: pass a full pipeline")
         return folder / "vocab.json", folder / "merges.txt", _pad_token(folder, family)
 
     def _weights(self, component: str) -> str:
@@ -309,10 +315,12 @@ class DiffusersFolder:
 
     def _from_pretrained(self, component: str, safetensors: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
         """The diffusers / transformers module and its loading report (missing keys, ...)."""
-        if component == "text_encoder":
-            from transformers import CLIPTextModel
+        if component.startswith("text_encoder"):
+            from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-            return CLIPTextModel.from_pretrained(
+            # SDXL's second encoder adds the projection of its pooled output (text_embeds).
+            cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+            return cls.from_pretrained(
                 self.root / component,
                 dtype=torch.float32,
                 use_safetensors=safetensors,

@@ -18,7 +18,7 @@ weights only, in float32, and requires them to fit the config exactly (no tensor
 random initial value), so a converter can free one component before loading the next.
 
 Every failure a user can fix raises :class:`SourceError`, one line naming the problem and the
-fix. Checkpoints of other families (SDXL, inpainting, SD3, Flux, ...) are recognised and refused.
+fix. Checkpoints of other families (inpainting, SD3, Flux, ...) are recognised and refused.
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ class Source:
     kind: str  # "hub" | "folder" | "single-file"
     id: str  # hub repo id, or absolute path
     revision: str | None  # resolved hub commit hash when known
-    family: str  # "sd1" | "sd2"
+    family: str  # a name of coreml_sd.families.FAMILIES
     prediction_type: str  # from the scheduler config
     _files: DiffusersFolder | SingleFile = field(repr=False, compare=False)  # the components' weights
     _layout: DiffusersFolder = field(repr=False, compare=False)  # configs, tokenizer, scheduler
 
     def has_config(self, component: str) -> bool:
-        """Whether the pipeline has ``component`` (``unet``, ``vae``, ``text_encoder``) at all."""
+        """Whether the pipeline has ``component`` (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``) at all."""
         return self._layout.has_config(component)
 
     def check_weights(self, component: str) -> None:
@@ -69,6 +69,14 @@ class Source:
 
     def scheduler_config(self) -> dict[str, Any]:
         return self._layout.scheduler_config()
+
+    def pipeline_options(self) -> dict[str, bool]:
+        """The pipeline's own options that change its arithmetic (``model_index.json``): SDXL's
+        ``force_zeros_for_empty_prompt`` (diffusers' default True for SDXL pipelines)."""
+        index = self._layout.model_index()
+        if not self.family.startswith("sdxl"):
+            return {}
+        return {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True))}
 
     def tokenizer_files(self) -> tuple[Path, Path, str]:
         """``vocab.json``, ``merges.txt`` and the pad token string of the CLIP tokenizer."""
@@ -100,7 +108,9 @@ def _describe(layout: DiffusersFolder) -> tuple[str, str]:
     check_unet(unet, layout.where)
     scheduler = layout.scheduler_config()
     text_encoder = layout.config("text_encoder") if layout.has_config("text_encoder") else None
-    return detect_family(unet, text_encoder), scheduler.get("prediction_type", "epsilon")  # diffusers' default
+    text_encoder_2 = layout.config("text_encoder_2") if layout.has_config("text_encoder_2") else None
+    family = detect_family(unet, text_encoder, text_encoder_2)
+    return family, scheduler.get("prediction_type", "epsilon")  # diffusers' default
 
 
 def _open_layout(layout: DiffusersFolder, kind: str, id: str) -> Source:

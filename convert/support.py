@@ -5,16 +5,21 @@ Shared by the readers of each kind of SOURCE (``diffusers_folder``, ``single_fil
 configs or names: no file is read.
 
 Every failure a user can fix raises :class:`SourceError`, one line naming the problem and the
-fix. Checkpoints of other families (SDXL, inpainting, SD3, Flux, ...) are recognised and refused.
+fix. Checkpoints of other families (inpainting, SD3, Flux, ...) are recognised and refused.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-COMPONENTS = ("unet", "vae", "text_encoder")
-SUPPORTED = "coreml-sd converts Stable Diffusion 1.x and 2.x text-to-image checkpoints only"
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+SUPPORTED = "coreml-sd converts Stable Diffusion 1.x, 2.x and XL (base, refiner, Turbo) text-to-image checkpoints only"
+SUPPORTED_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 CONFIG_FIX = "pass --config <diffusers folder or hub id>"
 
@@ -28,7 +33,7 @@ class SourceError(Exception):
 
 def unsupported(where: str, what: str) -> SourceError:
     """The refusal of a checkpoint of another family; ``what`` says which."""
-    return SourceError(f"{where} is {what}; {SUPPORTED}: pass an SD 1.x or 2.x checkpoint")
+    return SourceError(f"{where} is {what}; {SUPPORTED}: pass an SD 1.x, 2.x or XL checkpoint")
 
 
 def pickle_refused(what: str) -> SourceError:
@@ -39,8 +44,17 @@ def pickle_refused(what: str) -> SourceError:
     )
 
 
-def detect_family(unet_config: dict[str, Any], text_encoder_config: dict[str, Any] | None = None) -> str:
-    """Return ``"sd1"`` or ``"sd2"`` for a supported pipeline's configs.
+def detect_family(
+    unet_config: dict[str, Any],
+    text_encoder_config: dict[str, Any] | None = None,
+    text_encoder_2_config: dict[str, Any] | None = None,
+) -> str:
+    """Return ``"sd1"``, ``"sd2"``, ``"sdxl"`` or ``"sdxl-refiner"`` for a supported pipeline's configs.
+
+    SDXL's UNet adds a "text_time" embedding of the pooled text embedding and of the time ids, 6
+    for the base and 5 for the refiner: the count is the embedding's input width less the pooled
+    width (the second encoder's projection), over each id's width. Without the second encoder's
+    config, the refiner is told apart by its lacking the first encoder.
 
     The families differ structurally in the text encoder: SD 1.x uses OpenAI's CLIP ViT-L/14,
     whose MLP activation is quick-GELU; SD 2.x uses OpenCLIP ViT-H/14 with exact GELU. So the
@@ -49,6 +63,8 @@ def detect_family(unet_config: dict[str, Any], text_encoder_config: dict[str, An
     transformer blocks with linear layers. Width alone could not classify the tiny test models
     (32 and 64 wide); activation and projection type do.
     """
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl-refiner" if _time_ids(unet_config, text_encoder_2_config, text_encoder_config) == 5 else "sdxl"
     activation = (text_encoder_config or {}).get("hidden_act")
     if activation in ("gelu", "quick_gelu"):
         return "sd2" if activation == "gelu" else "sd1"
@@ -57,11 +73,18 @@ def detect_family(unet_config: dict[str, Any], text_encoder_config: dict[str, An
     return "sd1"
 
 
+def _time_ids(unet: dict[str, Any], text_encoder_2: dict[str, Any] | None, text_encoder: dict[str, Any] | None) -> int:
+    """How many time ids an SDXL UNet embeds (6 base, 5 refiner)."""
+    width, per_id = unet.get("projection_class_embeddings_input_dim"), unet.get("addition_time_embed_dim")
+    pooled = (text_encoder_2 or {}).get("projection_dim")
+    if isinstance(width, int) and isinstance(per_id, int) and isinstance(pooled, int) and per_id > 0:
+        return (width - pooled) // per_id
+    return 6 if text_encoder is not None else 5
+
+
 def check_pipeline(model_index: dict[str, Any], where: str) -> None:
-    """Refuse pipelines other than SD 1.x / 2.x text-to-image, judged from ``model_index.json``."""
+    """Refuse pipelines other than SD 1.x / 2.x / XL text-to-image, judged from ``model_index.json``."""
     name = str(model_index.get("_class_name", ""))
-    if "text_encoder_2" in model_index or "XL" in name:
-        raise unsupported(where, f"a Stable Diffusion XL pipeline ({name})")
     if "Inpaint" in name:
         raise unsupported(where, f"an inpainting pipeline ({name})")
     if name not in SUPPORTED_PIPELINES:
@@ -69,9 +92,10 @@ def check_pipeline(model_index: dict[str, Any], where: str) -> None:
 
 
 def check_unet(config: dict[str, Any], where: str) -> None:
-    """Refuse UNets of other pipelines sharing the SD layout (SDXL, inpainting, pix2pix, ...)."""
-    if config.get("addition_embed_type") == "text_time":
-        raise unsupported(where, "a Stable Diffusion XL checkpoint (its UNet takes text-time embeddings)")
+    """Refuse UNets of other pipelines sharing the SD layout (inpainting, pix2pix, ...)."""
+    embedding = config.get("addition_embed_type")
+    if embedding not in (None, "text_time"):
+        raise unsupported(where, f"a checkpoint whose UNet takes {embedding!r} embeddings")
     check_in_channels(config.get("in_channels", 4), where)
 
 

@@ -26,7 +26,7 @@ from ..contract import (
     read_manifest,
     verify_files,
 )
-from ..families import COMPONENTS, FAMILIES, SD1, SD2, Family
+from ..families import FAMILIES, MODEL_NAMES, SD1, SD2, Family
 
 __all__ = ["Bundle", "BundleError", "ModelFiles", "describe_shapes", "open_bundle", "verify_cached"]
 
@@ -107,7 +107,7 @@ def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
 
 
 # The package names our bundles use ("Unet.mlpackage"); Apple's carry a long prefix.
-_OUR_PACKAGES = {f"{c.name}.mlpackage" for c in COMPONENTS.values()}
+_OUR_PACKAGES = {f"{name}.mlpackage" for name in MODEL_NAMES}
 
 
 def _absolute(path: Path) -> Path:

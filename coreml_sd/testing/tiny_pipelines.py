@@ -35,7 +35,10 @@ from .clip_vocab import BOS_TOKEN, EOS_TOKEN, write_clip_vocab
 __all__ = [
     "FAMILIES",
     "PAD_TOKENS",
+    "SDXL_SCHEDULER_CONFIG",
+    "SDXL_TURBO_SCHEDULER_CONFIG",
     "build_tiny_pipeline",
+    "build_tiny_sdxl_pipeline",
     "init_weights",
     "tiny_model_index",
     "tiny_scheduler_config",
@@ -51,7 +54,7 @@ __all__ = [
     "write_pipeline",
 ]
 
-FAMILIES = tuple(_FAMILIES)
+FAMILIES = ("sd1", "sd2")  # the families of build_tiny_pipeline; SDXL has build_tiny_sdxl_pipeline
 PAD_TOKENS = {name: family.pad_token for name, family in _FAMILIES.items()}
 BOS_ID, EOS_ID = 49406, 49407
 PAD_IDS = {"sd1": EOS_ID, "sd2": 0}
@@ -341,6 +344,106 @@ def tiny_text_encoder(family: str = "sd1", seed: int = 0, **changes: Any):
 
     config = CLIPTextConfig(**(tiny_text_encoder_config(family) | changes))
     return init_weights(CLIPTextModel(config), seed, "text_encoder").eval()
+
+
+# -- SDXL ----------------------------------------------------------------------------------------
+
+# What stabilityai/stable-diffusion-xl-base-1.0's (and the refiner's) scheduler_config.json holds.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+# stabilityai/sdxl-turbo's: Euler ancestral over trailing timesteps, for 1 to 4 steps.
+SDXL_TURBO_SCHEDULER_CONFIG: dict[str, Any] = SDXL_SCHEDULER_CONFIG | {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "_diffusers_version": "0.24.0.dev0",
+    "timestep_spacing": "trailing",
+}
+SDXL_VAE_SCALING_FACTOR = 0.13025
+TINY_SDXL_TEXT_LAYERS = 3  # so that the penultimate layer SDXL reads is neither the first nor the last
+
+
+def tiny_sdxl_text_encoders(seed: int = 0):
+    """SDXL's two encoders at a tiny size: a ``CLIPTextModel`` shaped like OpenAI's CLIP ViT-L
+    (quick-GELU, 32 wide) and a ``CLIPTextModelWithProjection`` shaped like OpenCLIP bigG (GELU,
+    32 wide, projected to ``TINY_SDXL_POOLED_DIM``); 32 + 32 is the tiny base UNet's text width."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    first = CLIPTextConfig(**(tiny_text_encoder_config("sd1") | {"num_hidden_layers": TINY_SDXL_TEXT_LAYERS}))
+    second = tiny_text_encoder_config("sd2") | {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+        "num_hidden_layers": TINY_SDXL_TEXT_LAYERS, "projection_dim": TINY_SDXL_POOLED_DIM,
+    }
+    return (init_weights(CLIPTextModel(first), seed, "text_encoder").eval(),
+            init_weights(CLIPTextModelWithProjection(CLIPTextConfig(**second)), seed, "text_encoder_2").eval())
+
+
+def _sdxl_model_index(refiner: bool, scheduler_class: str) -> dict[str, Any]:
+    """``model_index.json`` as the published SDXL base (text-to-image) and refiner (image-to-image,
+    second encoder only, aesthetic score) repositories have it."""
+    index = {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "force_zeros_for_empty_prompt": not refiner,
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": [None, None] if refiner else ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": [None, None] if refiner else ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if refiner:
+        index["requires_aesthetics_score"] = True
+    return index
+
+
+def _write_tokenizer(folder: Path, family: str) -> None:
+    write_clip_vocab(folder)
+    tokenizer = tiny_tokenizer_config(family)
+    _write_json(folder / "tokenizer_config.json", tokenizer)
+    special = {k: tokenizer[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    _write_json(folder / "special_tokens_map.json", special)
+
+
+def build_tiny_sdxl_pipeline(out_dir: str | Path, refiner: bool = False, seed: int = 0, sample_size: int = 16,
+                             turbo: bool = False) -> Path:
+    """Write a tiny SDXL base (``StableDiffusionXLPipeline``) or refiner
+    (``StableDiffusionXLImg2ImgPipeline``) folder; return its path. ``turbo``: SDXL-Turbo's
+    scheduler config. The refiner has the second encoder and its tokenizer only."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tiny_sdxl_unet(refiner, sample_size, seed).save_pretrained(out_dir / "unet", safe_serialization=True)
+    vae = tiny_vae("sd1", sample_size, seed)
+    vae.register_to_config(scaling_factor=SDXL_VAE_SCALING_FACTOR)
+    vae.save_pretrained(out_dir / "vae", safe_serialization=True)
+    first, second = tiny_sdxl_text_encoders(seed)
+    if not refiner:
+        _save_text_encoder(first, out_dir / "text_encoder")
+        _write_tokenizer(out_dir / "tokenizer", "sd1")
+    _save_text_encoder(second, out_dir / "text_encoder_2")
+    _write_tokenizer(out_dir / "tokenizer_2", "sd2")  # pads with "!", as the published tokenizer_2 does
+    scheduler = SDXL_TURBO_SCHEDULER_CONFIG if turbo else SDXL_SCHEDULER_CONFIG
+    _write_json(out_dir / "scheduler" / "scheduler_config.json", scheduler)
+    _write_json(out_dir / "model_index.json", _sdxl_model_index(refiner, scheduler["_class_name"]))
+    return out_dir
 
 
 # -- writing ----------------------------------------------------------------------------------

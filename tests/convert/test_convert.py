@@ -480,12 +480,12 @@ def test_sample_size_as_height_and_width(tiny_sd1_dir, tmp_path, sample_size, im
 
 
 def test_unsupported_family(tiny_sd1_dir, tmp_path):
-    src = tmp_path / "sdxl"
+    src = tmp_path / "kandinsky"
     shutil.copytree(tiny_sd1_dir, src)
     cfg = json.loads((src / "unet" / "config.json").read_text())
-    cfg["addition_embed_type"] = "text_time"
+    cfg["addition_embed_type"] = "image"
     (src / "unet" / "config.json").write_text(json.dumps(cfg))
-    one_line_error(run(str(src), "-o", str(tmp_path / "b")), "Stable Diffusion XL", "1.x and 2.x")
+    one_line_error(run(str(src), "-o", str(tmp_path / "b")), "'image' embeddings", "1.x, 2.x and XL")
 
 
 def test_missing_component(tiny_sd1_dir, tmp_path):
@@ -547,7 +547,7 @@ def test_unsupported_architecture_is_refused_first(tiny_sd1_dir, tmp_path, part,
     """Refused before the text encoder (first in order) is converted, whichever part it concerns."""
     src = edited_copy(tiny_sd1_dir, tmp_path / "src", part, **changes)
     result = run(str(src), "-o", str(tmp_path / "b"), "--components", f"text-encoder,{component}")
-    refused_before_any_work(result, tmp_path, fragment, "1.x and 2.x")
+    refused_before_any_work(result, tmp_path, fragment, "1.x, 2.x and XL")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing", "missing-shard"])

@@ -437,9 +437,7 @@ def test_missing_component_fails_when_requested(tiny_sd1_dir: Path, tmp_path: Pa
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (("model_index.json", {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}), "XL"),
-        (("model_index.json", {"_class_name": "StableDiffusionXLPipeline"}), "XL"),
-        (("unet/config.json", {"addition_embed_type": "text_time"}), "XL"),
+        (("unet/config.json", {"addition_embed_type": "image"}), "'image' embeddings"),  # Kandinsky-style
         (("unet/config.json", {"in_channels": 9}), "inpainting"),
         (("model_index.json", {"_class_name": "StableDiffusionInpaintPipeline"}), "inpainting"),
         (("unet/config.json", {"in_channels": 8}), "8 channels"),
@@ -451,7 +449,7 @@ def test_unsupported_families(tiny_sd1_dir: Path, tmp_path: Path, edit, expected
     folder = copy_pipeline(tiny_sd1_dir, tmp_path / "pipe")
     edit_json(folder / edit[0], **edit[1])
     message = source_error(str(folder))
-    assert expected in message and "Stable Diffusion 1.x and 2.x" in message
+    assert expected in message and "Stable Diffusion 1.x, 2.x and XL" in message
 
 
 def test_unsupported_single_files(tiny_sd1_dir: Path, tiny_sd1_single_file: Path, tmp_path: Path) -> None:

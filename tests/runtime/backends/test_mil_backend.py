@@ -23,14 +23,13 @@ from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.convert.components import build_module
 from coreml_sd.convert.export import to_coreml, trace
 from coreml_sd.convert.source import open_source
-from coreml_sd.families import COMPONENTS as SPECS
-from coreml_sd.families import Geometry
+from coreml_sd.families import SD1, Geometry
 from coreml_sd.models import AttentionImpl
 from coreml_sd.runtime.backends import BackendError, load_model
 from helpers import FAMILIES
 
 ATTENTIONS = ("original", "split-einsum", "split-einsum-v2")
-COMPONENTS = {spec.name: cli_name for cli_name, spec in SPECS.items()}
+COMPONENTS = {spec.name: spec.cli_name for spec in SD1.components}
 
 
 def feeds_for(model, seed: int = 0) -> dict[str, np.ndarray]:
@@ -53,7 +52,7 @@ def feeds_for(model, seed: int = 0) -> dict[str, np.ndarray]:
 
 def torch_module(tiny_dir, component: str, attention: str, chunk: int) -> torch.nn.Module:
     """The torch wrapper a bundle's package was converted from (same weights, same attention)."""
-    return build_module(open_source(str(tiny_dir)), SPECS[component], AttentionImpl.parse(attention), chunk)
+    return build_module(open_source(str(tiny_dir)), SD1.component(component), AttentionImpl.parse(attention), chunk)
 
 
 def run_torch(module: torch.nn.Module, model, feeds: dict) -> dict[str, np.ndarray]:
@@ -118,7 +117,7 @@ def test_float32_program_is_near_exact(tiny_sd2_dir, tmp_path):
     (5e-6 relative, on device too); through the tiny UNet that accumulates to ~3e-4."""
     for component in ("unet", "text-encoder", "vae-decoder"):
         module = torch_module(tiny_sd2_dir, component, "split-einsum", 512)
-        inputs, outputs = SPECS[component].io(Geometry(64, 64, 2, 64))
+        inputs, outputs = SD1.component(component).io(Geometry(64, 64, 2, 64))
         path = tmp_path / f"{component}.mlpackage"
         to_coreml(trace(module, inputs), inputs, outputs, {}, component, precision="float32").save(str(path))
         model = load_model(path, backend="mil")
@@ -323,7 +322,7 @@ def test_compressed_weights_decompress_exactly_ios18(compression, program_packag
 def test_descriptions_and_input_checks(tiny_bundle, tmp_path):
     """Descriptions are read from the package: what convert declared for the tiny SD 1.x UNet."""
     model = load_model(tiny_bundle("sd1", "split-einsum") / "Unet.mlpackage", "mil")
-    declared_inputs, declared_outputs = SPECS["unet"].io(Geometry(64, 64, 2, 32))
+    declared_inputs, declared_outputs = SD1.component("unet").io(Geometry(64, 64, 2, 32))
     assert {n: (d.shape, d.dtype) for n, d in model.inputs.items()} == {s.name: (s.shape, s.dtype) for s in declared_inputs}
     assert {n: (d.shape, d.dtype) for n, d in model.outputs.items()} == {s.name: (s.shape, s.dtype) for s in declared_outputs}
     assert model.inputs["sample"].shape == (2, 4, 8, 8) and model.inputs["timestep"].dtype == "float32"
