@@ -78,15 +78,27 @@ def _once(target: Path, build) -> Path:
     return target
 
 
-def _tiny_dir(shared_dir: Path, family: str) -> Path:
+def _need_clip_vocab() -> None:
     from coreml_sd.testing.clip_vocab import find_clip_bpe
-    from coreml_sd.testing.tiny_pipelines import build_tiny_pipeline
 
     try:
         find_clip_bpe()
     except FileNotFoundError as e:  # the vocabulary's only source, installed by ./dev
         pytest.fail(str(e))
+
+
+def _tiny_dir(shared_dir: Path, family: str) -> Path:
+    from coreml_sd.testing.tiny_pipelines import build_tiny_pipeline
+
+    _need_clip_vocab()
     return _once(shared_dir / f"tiny_{family}", lambda t: build_tiny_pipeline(t, family))
+
+
+def _tiny_sdxl_dir(shared_dir: Path, name: str, **options) -> Path:
+    from coreml_sd.testing.tiny_pipelines import build_tiny_sdxl_pipeline
+
+    _need_clip_vocab()
+    return _once(shared_dir / name, lambda t: build_tiny_sdxl_pipeline(t, **options))
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +113,24 @@ def tiny_sd2_dir(shared_dir: Path) -> Path:
     return _tiny_dir(shared_dir, "sd2")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(shared_dir: Path) -> Path:
+    """A tiny SDXL base diffusers folder (seed 0, 128x128 images). Read-only."""
+    return _tiny_sdxl_dir(shared_dir, "tiny_sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner_dir(shared_dir: Path) -> Path:
+    """A tiny SDXL refiner diffusers folder (seed 1: weights unlike the base's). Read-only."""
+    return _tiny_sdxl_dir(shared_dir, "tiny_sdxl_refiner", refiner=True, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_turbo_dir(shared_dir: Path) -> Path:
+    """The tiny SDXL base with SDXL-Turbo's scheduler config (trailing timesteps). Read-only."""
+    return _tiny_sdxl_dir(shared_dir, "tiny_sdxl_turbo", turbo=True)
+
+
 # v2 bundles use a query chunk of 24 so that the tiny 8x8 latents (64 tokens) really are cut into
 # chunks with a partial last one, as 48x48 latents are with the default 512.
 TINY_V2_CHUNK = 24
@@ -108,13 +138,14 @@ TINY_V2_CHUNK = 24
 
 @pytest.fixture(scope="session")
 def tiny_bundle(shared_dir: Path, request: pytest.FixtureRequest):
-    """Factory: ``tiny_bundle(family="sd1", attention="split-einsum", **options) -> Path``; each
+    """Factory: ``tiny_bundle(family="sd1", attention="split-einsum", **options) -> Path``, family
+    one of sd1, sd2, sdxl, sdxl-refiner, sdxl-turbo; each
     distinct request is converted once per session. Read-only: copy before changing anything."""
     from coreml_sd.convert.converter import ConvertOptions, Progress, convert
     from coreml_sd.convert.source import open_source
 
     def get(family: str = "sd1", attention: str = "split-einsum", **options) -> Path:
-        source = request.getfixturevalue(f"tiny_{family}_dir")
+        source = request.getfixturevalue(f"tiny_{family.replace('-', '_')}_dir")  # sdxl-refiner, sdxl-turbo
         chunk = TINY_V2_CHUNK if attention == "split-einsum-v2" else 512
         opts = ConvertOptions(attention=attention, query_chunk=chunk, **options)
         label = "-".join([family, attention, *(f"{k}={v}" for k, v in sorted(options.items()))]).replace(",", "+")
