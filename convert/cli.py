@@ -58,12 +58,13 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--unet-batch-one", is_flag=True, help="UNet takes batch 1 (two calls per step with guidance; less memory).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of SOURCE.")
 @click.option("--config", "config", help="Diffusers folder or hub id with the architecture of a single-file SOURCE.")
+@click.option("--vae", "vae", help="Replacement VAE: hub id, folder or .safetensors file (e.g. a float16-safe SDXL VAE).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle checkpoints (.ckpt, .bin): only for files you trust.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (unchanged components are reused).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="Compile to .mlmodelc (default: on macOS).")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the libraries' own progress bars and messages.")
-def convert(source, out, attention, components, height, width, unet_batch_one, revision, config, allow_pickle, overwrite,
-            compile_, verbose):
+def convert(source, out, attention, components, height, width, unet_batch_one, revision, config, vae, allow_pickle,
+            overwrite, compile_, verbose):
     """Convert a Stable Diffusion checkpoint to a Core ML bundle.
 
     SOURCE is a model id on the Hugging Face hub, a local diffusers folder, or a single-file
@@ -92,6 +93,9 @@ def convert(source, out, attention, components, height, width, unet_batch_one, r
     try:
         log(f"opening {source}")
         src = open_source(source, revision=revision, allow_pickle=allow_pickle, config=config)
+        if vae is not None:
+            src = src.with_vae(vae, allow_pickle)
+            log(f"VAE from {src.vae.where}")
         log(f"{src.kind} {src.id}: {src.family}, {src.prediction_type} prediction")
         with library_output(verbose, log):
             run(src, out, opts, Progress(log))

@@ -27,6 +27,7 @@ from ..system import peak_rss_bytes, tool_versions
 from .bundle import BundleWriter, check_output, recipe_hash
 from .components import BUILDERS, build_module, source_config
 from .export import can_compile, compile_package, to_coreml, trace
+from .probe import FLOAT16_PROBES, float16_failure
 from .source import Source
 from .support import SUPPORTED
 
@@ -256,16 +257,10 @@ def _recipe(p: Plan, spec: ComponentSpec, inputs) -> str:
     )
 
 
-def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progress: Progress) -> None:
-    """Reuse ``spec``'s component when its recipe is unchanged, else load -> trace -> convert ->
-    save -> compile it into ``writer``'s staging folder, freeing each stage's copy before the next."""
-    inputs, outputs = spec.io(p.geometry)
-    recipe = _recipe(p, spec, inputs)
-    reused = writer.reuse(spec.name, recipe)
-    if reused:
-        progress.log(f"[{spec.cli_name}] unchanged: reused from the {reused}")
-        return
-    t0 = time.perf_counter()
+def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, precision: str, writer: BundleWriter,
+           progress: Progress) -> None:
+    """Load -> trace -> convert -> save ``spec``'s package to ``destination`` in ``precision``,
+    freeing each stage's copy before the next."""
     with progress.stage(spec.cli_name, "load"):
         try:
             module = build_module(p.source, spec, p.attention, p.query_chunk)
@@ -276,31 +271,56 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
     with progress.stage(spec.cli_name, "trace"):
         traced = trace(module, inputs)
     with writer.temporaries():  # coremltools' temporary package: inside staging, removed after
-        with progress.stage(spec.cli_name, "convert"):
+        with progress.stage(spec.cli_name, "convert" if precision == "float16" else f"convert ({precision})"):
             metadata = {
                 "coreml-sd.version": __version__,
                 "coreml-sd.component": spec.name,
                 "coreml-sd.source": p.source.id,
                 "coreml-sd.attention": p.attention.value,
+                "coreml-sd.precision": precision,
             }
-            mlmodel = to_coreml(traced, inputs, outputs, metadata, f"{spec.description} ({p.source.id})", spec.float32_features)
+            description = f"{spec.description} ({p.source.id})"
+            mlmodel = to_coreml(traced, inputs, outputs, metadata, description, spec.float32_features, precision)
         del module, traced
         gc.collect()
-        package = f"{spec.name}.mlpackage"
         with progress.stage(spec.cli_name, "save"):
             # Straight into place: until record() lists it, the next run's writer deletes it, so an
             # interrupted save leaves nothing behind.
-            mlmodel.save(str(writer.staging / package))
+            mlmodel.save(str(destination))
         del mlmodel
         gc.collect()
-        compiled = f"{spec.name}.mlmodelc" if p.compile else None
-        if compiled:
-            with progress.stage(spec.cli_name, "compile"):
-                compile_package(writer.staging / package, writer.staging / compiled)
+
+
+def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progress: Progress) -> None:
+    """Reuse ``spec``'s component when its recipe is unchanged, else load -> trace -> convert ->
+    save -> compile it into ``writer``'s staging folder, freeing each stage's copy before the next."""
+    inputs, outputs = spec.io(p.geometry)
+    recipe = _recipe(p, spec, inputs)
+    reused = writer.reuse(spec.name, recipe)
+    if reused:
+        progress.log(f"[{spec.cli_name}] unchanged: reused from the {reused}")
+        return
+    t0 = time.perf_counter()
+    package = f"{spec.name}.mlpackage"
+    precision = "float16"
+    _build(p, spec, inputs, outputs, writer.staging / package, precision, writer, progress)
+    if spec.name in FLOAT16_PROBES:
+        with progress.stage(spec.cli_name, "float16 probe"):
+            failure = float16_failure(writer.staging / package, spec.name, p.configs["vae"]["scaling_factor"])
+        if failure:
+            progress.log(f"[{spec.cli_name}] {failure} in float16, as SDXL's stock VAE does: converting it in float32"
+                         " (runs on the CPU and GPU, not the Neural Engine; --vae with a float16-safe VAE avoids it)")
+            precision = "float32"
+            shutil.rmtree(writer.staging / package)
+            _build(p, spec, inputs, outputs, writer.staging / package, precision, writer, progress)
+    compiled = f"{spec.name}.mlmodelc" if p.compile else None
+    if compiled:
+        with progress.stage(spec.cli_name, "compile"):
+            compile_package(writer.staging / package, writer.staging / compiled)
     entry = {
         "package": package,
         "compiled": compiled,
-        "precision": "float16",
+        "precision": precision,
         "compression": None,
         "inputs": {s.name: s.as_dict() for s in inputs},
         "outputs": {s.name: s.as_dict() for s in outputs},
@@ -334,7 +354,8 @@ def write_manifest(p: Plan, writer: BundleWriter) -> Path:
         "unet_batch": g.unet_batch,
         "text_embedding_dim": g.text_dim,
         "tokenizer": {"pad_token": pad_token, "max_length": g.max_length},
-        "vae": {"scaling_factor": p.configs["vae"]["scaling_factor"]},
+        "vae": {"scaling_factor": p.configs["vae"]["scaling_factor"],
+                **({"source": p.source.vae.where} if p.source.vae is not None else {})},
         "tools": p.tools,
     }
     if p.family.conditioning.pooled:  # SDXL: the UNet's extra inputs, and the pipeline's options

@@ -24,7 +24,7 @@ fix. Checkpoints of other families (inpainting, SD3, Flux, ...) are recognised a
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import torch
 from .diffusers_folder import DiffusersFolder, is_repo_id
 from .single_file import SingleFile, config_folder, read_checkpoint
 from .support import COMPONENTS, PICKLE_SUFFIXES, SourceError, check_pipeline, check_unet, detect_family
+from .vae_source import VaeSource, open_vae
 
 __all__ = ["COMPONENTS", "Source", "SourceError", "detect_family", "open_source"]
 
@@ -48,23 +49,37 @@ class Source:
     prediction_type: str  # from the scheduler config
     _files: DiffusersFolder | SingleFile = field(repr=False, compare=False)  # the components' weights
     _layout: DiffusersFolder = field(repr=False, compare=False)  # configs, tokenizer, scheduler
+    vae: VaeSource | None = None  # a replacement VAE (--vae), answering for the part "vae"
+
+    def with_vae(self, spec: str, allow_pickle: bool = False) -> Source:
+        """This checkpoint with the VAE ``spec`` (folder, hub id or file: ``vae_source``) in place of its own."""
+        own = self._files.config("vae") if self._layout.has_config("vae") else {}
+        return replace(self, vae=open_vae(spec, own, allow_pickle))
 
     def has_config(self, component: str) -> bool:
         """Whether the pipeline has ``component`` (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``) at all."""
+        if component == "vae" and self.vae is not None:
+            return True
         return self._layout.has_config(component)
 
     def check_weights(self, component: str) -> None:
         """Raise ``SourceError`` unless ``component``'s weights are present and readable; cheap
         (file headers only; a hub repo's weights are downloaded here)."""
+        if component == "vae" and self.vae is not None:
+            return self.vae.check_weights()
         self._files.check_weights(component)
 
     def config(self, part: str) -> dict[str, Any]:
         """The ``config.json`` of ``part`` (``unet``, ``vae``, ``text_encoder``) as the file says it."""
+        if part == "vae" and self.vae is not None:
+            return self.vae.config()
         return self._files.config(part)
 
     def load(self, part: str) -> torch.nn.Module:
         """The weights of ``part`` in float32, eval mode: a ``diffusers.UNet2DConditionModel`` or
         ``AutoencoderKL``, or a ``transformers.CLIPTextModel``."""
+        if part == "vae" and self.vae is not None:
+            return self.vae.load()
         return self._files.load(part).eval()
 
     def scheduler_config(self) -> dict[str, Any]:
@@ -89,7 +104,9 @@ class Source:
         the commit; for local files the contents of configs and tokenizer files, and the sizes and
         modification times of weight files (hashing gigabytes would not be cheap).
         """
-        if component in COMPONENTS:
+        if component == "vae" and self.vae is not None:
+            parts = self.vae.identity()
+        elif component in COMPONENTS:
             parts = self._files.identity(component)
         elif component in ("tokenizer", "scheduler"):
             parts = self._layout.identity(component)
