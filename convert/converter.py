@@ -367,6 +367,9 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
     """Convert ``source`` into the bundle directory ``out``; returns its path."""
     progress = progress or Progress()
     p = plan(source, out, opts)
+    if p.family.time_ids and p.geometry.unet_batch == 1 and any(c.name == p.family.unet for c in p.components):
+        # StableDiffusionXLPipeline.swift feeds a timestep of batch 2 (Unet.swift line 165).
+        progress.log("note: Apple's Swift SDXL pipeline calls the UNet with batch 2 only; this batch-1 UNet runs in coreml-sd")
     with BundleWriter(p.out, p.overwrite, {spec.name for spec in p.components}) as writer:
         for spec in p.components:
             convert_component(p, spec, writer, progress)

@@ -33,6 +33,7 @@ from coreml_sd.testing.tiny_pipelines import TINY_SDXL_POOLED_DIM, tiny_vae
 from helpers import one_line_error
 
 from .ldm_checkpoint import vae_to_ldm
+from .test_source import COMMIT, cache_repo
 
 DTYPE = {ft.ArrayFeatureType.FLOAT16: "float16", ft.ArrayFeatureType.FLOAT32: "float32"}
 H = TINY_SDXL_POOLED_DIM  # each tiny encoder's width (768 and 1280 in SDXL), and encoder 2's projection (1280)
@@ -294,3 +295,26 @@ def test_bad_replacement_vae(tiny_sdxl_dir, tmp_path):
 def test_component_of_another_family_is_refused(tiny_sd1_dir, tmp_path):
     result = run(str(tiny_sd1_dir), "-o", str(tmp_path / "b"), "--components", "text-encoder-2")
     one_line_error(result, "Stable Diffusion 1.x, which has no text-encoder-2", "choose from text-encoder, unet")
+
+
+# -- the hub, through an offline cache (tests/convert/conftest.py) --------------------------------
+
+
+def test_sdxl_and_a_vae_from_the_hub(offline_hub, tiny_sdxl_dir, tmp_path):
+    from transformers import CLIPTextModelWithProjection
+
+    from coreml_sd.convert.source import open_source
+
+    cache_repo(offline_hub, "tiny/sdxl", tiny_sdxl_dir)
+    vae = tiny_vae("sd1", 16, seed=9)
+    vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    cache_repo(offline_hub, "tiny/sdxl-vae", tmp_path / "vae")  # a bare AutoencoderKL repo
+
+    source = open_source("tiny/sdxl").with_vae("tiny/sdxl-vae")
+    assert (source.kind, source.family, source.revision) == ("hub", "sdxl", COMMIT)
+    assert source.pipeline_options() == {"force_zeros_for_empty_prompt": True}
+    want = CLIPTextModelWithProjection.from_pretrained(tiny_sdxl_dir / "text_encoder_2").state_dict()
+    got = source.load("text_encoder_2").state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert torch.equal(source.load("vae").state_dict()["decoder.conv_out.weight"], vae.state_dict()["decoder.conv_out.weight"])
+    assert source.fingerprint("vae") != open_source("tiny/sdxl").fingerprint("vae")
