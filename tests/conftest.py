@@ -7,7 +7,9 @@ that enables them, never silently dropped.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -101,6 +103,18 @@ def _tiny_sdxl_dir(shared_dir: Path, name: str, **options) -> Path:
     return _once(shared_dir / name, lambda t: build_tiny_sdxl_pipeline(t, **options))
 
 
+def _turbo_from_base(base: Path, target: Path) -> None:
+    """The base pipeline with SDXL-Turbo's scheduler config. Copied with modification times, so
+    its models have the base's fingerprints and a conversion reuses the base bundle's packages."""
+    from coreml_sd.testing.tiny_pipelines import SDXL_TURBO_SCHEDULER_CONFIG
+
+    shutil.copytree(base, target, copy_function=shutil.copy2)
+    (target / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_TURBO_SCHEDULER_CONFIG, indent=2))
+    index = json.loads((target / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", SDXL_TURBO_SCHEDULER_CONFIG["_class_name"]]
+    (target / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
 @pytest.fixture(scope="session")
 def tiny_sd1_dir(shared_dir: Path) -> Path:
     """A tiny SD 1.x diffusers folder (seed 0). Read-only: copy it before changing anything."""
@@ -128,7 +142,8 @@ def tiny_sdxl_refiner_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_turbo_dir(shared_dir: Path) -> Path:
     """The tiny SDXL base with SDXL-Turbo's scheduler config (trailing timesteps). Read-only."""
-    return _tiny_sdxl_dir(shared_dir, "tiny_sdxl_turbo", turbo=True)
+    base = _tiny_sdxl_dir(shared_dir, "tiny_sdxl")
+    return _once(shared_dir / "tiny_sdxl_turbo", lambda t: _turbo_from_base(base, t))
 
 
 # v2 bundles use a query chunk of 24 so that the tiny 8x8 latents (64 tokens) really are cut into
@@ -153,6 +168,11 @@ def tiny_bundle(shared_dir: Path, request: pytest.FixtureRequest):
 
         def build(target: Path) -> None:
             target.mkdir()
+            if family == "sdxl-turbo":  # the base's models (same weights and files): reused, not reconverted
+                shutil.copytree(get("sdxl", attention, **options), target / "bundle")
+                opts_ = ConvertOptions(attention=attention, query_chunk=chunk, overwrite=True, **options)
+                convert(open_source(str(source)), target / "bundle", opts_, Progress(log=lambda line: None))
+                return
             convert(open_source(str(source)), target / "bundle", opts, Progress(log=lambda line: None))
 
         return _once(shared_dir / "bundles" / label, build) / "bundle"
