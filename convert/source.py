@@ -5,13 +5,15 @@
 * ``folder``: a local diffusers pipeline folder (the one holding ``model_index.json``);
 * ``hub``: a Hugging Face repo id ``org/name``, read as a diffusers folder whose weights are
   downloaded on demand, pinned to the commit its configs resolved to (``diffusers_folder``);
-* ``single-file``: an original-layout (LDM / CompVis) checkpoint in one ``.safetensors`` file,
-  whose configs, tokenizer and scheduler come from ``config`` or from the repo diffusers
-  associates with the checkpoint's type (``single_file``).
+* ``single-file``: an original-layout (LDM / CompVis / SGM) checkpoint in one ``.safetensors``
+  file, whose configs, tokenizer and scheduler come from ``config`` or, for the architectures
+  the package ships configs of (SD 1.5, SD 2.x 512 / 768-v, SDXL base and refiner 1.0), from
+  the one its tensors' names and shapes fit (``single_file``, ``architectures``); no hub needed.
 
 This module tells them apart and checks the pipeline is one coreml-sd converts (``support``);
 the reading itself is done by ``diffusers_folder`` and ``single_file``. Opening is cheap:
-configs are small JSON files, and a single file's tensor names and shapes come from its header.
+configs are small JSON files, and a single file's tensor names and shapes come from its header
+(and are checked against the configs on torch's meta device, without reading a tensor).
 ``check_weights`` makes sure a component's weight files are there and readable without loading
 them, so a converter can refuse a broken source before any work. ``load`` reads one component's
 weights only, in float32, and requires them to fit the config exactly (no tensor left at its
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 
 from .diffusers_folder import DiffusersFolder, is_repo_id
-from .single_file import SingleFile, config_folder, read_checkpoint
+from .single_file import SingleFile, config_folder, infer_architecture, read_checkpoint, read_metadata
 from .support import COMPONENTS, PICKLE_SUFFIXES, SourceError, check_pipeline, check_unet, detect_family
 from .vae_source import VaeSource, open_vae
 
@@ -137,11 +139,14 @@ def _open_layout(layout: DiffusersFolder, kind: str, id: str) -> Source:
 
 def _open_single_file(path: Path, allow_pickle: bool, config: str | None) -> Source:
     shapes = read_checkpoint(path, allow_pickle)
-    layout = config_folder(path, shapes, config, allow_pickle)
-    family, prediction_type = _describe(layout)
-    files = SingleFile(path, layout, shapes)
-    files.check_against_config(family)
-    return Source("single-file", str(path), None, family, prediction_type, _files=files, _layout=layout)
+    if config is None:  # the built-in architecture every part of the file fits
+        files = infer_architecture(path, shapes, read_metadata(path), allow_pickle)
+        family, prediction_type = _describe(files.configs)
+    else:
+        files = SingleFile(path, config_folder(config, allow_pickle), shapes)
+        family, prediction_type = _describe(files.configs)
+        files.check_against_config(family)
+    return Source("single-file", str(path), None, family, prediction_type, _files=files, _layout=files.configs)
 
 
 def open_source(
@@ -149,8 +154,9 @@ def open_source(
 ) -> Source:
     """Open SOURCE: a diffusers folder, a single-file checkpoint, or a hub repo id ``org/name``.
 
-    ``revision`` (branch, tag or commit) applies to hub repos; ``config`` (diffusers folder or hub
-    id with the architecture configs, tokenizer and scheduler) to single files; ``allow_pickle``
+    ``revision`` (branch, tag or commit) applies to hub repos; ``config`` (diffusers folder, hub id
+    or built-in architecture name with the architecture configs, tokenizer and scheduler) to single
+    files, whose architecture is otherwise inferred from their tensors; ``allow_pickle``
     permits pickled weights. Raises :class:`SourceError`.
     """
     path = Path(source).expanduser()

@@ -12,7 +12,8 @@ Layout, per component:
   per level ``layers_per_block`` pairs ``.0`` resnet / ``.1`` transformer, then ``.0.op`` for the
   downsampler of every level but the last), ``middle_block.0/1/2`` (resnet, transformer,
   resnet), ``output_blocks.N`` the up path (``layers_per_block + 1`` entries per level, the
-  upsampler as the last module of the level's last entry), ``time_embed.0/2``, ``out.0/2``.
+  upsampler as the last module of the level's last entry), ``time_embed.0/2``, ``out.0/2``;
+  SDXL's embedding of the pooled text and time ids is ``label_emb.0.0/2``.
   Resnets name their layers ``in_layers.0/2``, ``emb_layers.1``, ``out_layers.0/3``,
   ``skip_connection``.
 * VAE, ``first_stage_model.``: ``encoder.down.N.block.M`` / ``.downsample``, ``mid.block_1``,
@@ -22,8 +23,15 @@ Layout, per component:
 * Text encoder, SD 1.x: transformers' CLIP layout under ``cond_stage_model.transformer.``.
   SD 2.x: OpenCLIP's under ``cond_stage_model.model.`` (``resblocks.N`` with fused ``in_proj``
   q/k/v, ``ln_1``/``ln_2``, ``mlp.c_fc``/``c_proj``, ``positional_embedding``, ``ln_final``,
-  ``text_projection``), plus one final resblock the pipeline never uses, as in the real files
-  (SD 2.x conditions on the penultimate layer of its 24-layer encoder).
+  ``text_projection``, ``logit_scale``), plus one final resblock the pipeline never uses, as in
+  the real files (SD 2.x conditions on the penultimate layer of its 24-layer encoder).
+* SDXL (SGM's layout): the first encoder in transformers' layout under
+  ``conditioner.embedders.0.transformer.``, the second (OpenCLIP bigG) in OpenCLIP's under
+  ``conditioner.embedders.1.model.``, all of whose layers the pipeline uses (it reads the
+  penultimate layer's output, but the last layer also feeds the pooled, projected embedding),
+  with its real ``text_projection`` (transposed: OpenCLIP multiplies ``x @ text_projection``).
+  The refiner has only the second, as ``conditioner.embedders.0.model.``. SGM's denoiser keeps
+  its noise levels as ``denoiser.sigmas``, in the file beside the models.
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ def unet_prefixes(config: dict) -> tuple[dict[str, str], dict[str, str]]:
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
+        "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled text + time ids embedding
+        "add_embedding.linear_2": "label_emb.0.2",
     }
     layers = config["layers_per_block"]
     levels = len(config["down_block_types"])
@@ -156,19 +166,25 @@ def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def open_clip_to_ldm(state: dict[str, torch.Tensor], num_layers: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """CLIPTextModel state dict -> OpenCLIP layout (without ``cond_stage_model.model.``).
+def open_clip_to_ldm(
+    state: dict[str, torch.Tensor], num_layers: int, seed: int = 0, unused_layer: bool = True
+) -> dict[str, torch.Tensor]:
+    """CLIPTextModel(WithProjection) state dict -> OpenCLIP layout (without ``...model.``).
 
-    Adds one unused final resblock (random values) as the real SD 2.x checkpoints have.
+    ``unused_layer``: add one unused final resblock (random values) as the real SD 2.x checkpoints
+    have. Without a projection in ``state`` (SD 2.x), an identity one stands in for the unused
+    projection, as diffusers reads its width.
     """
     flat = {k.removeprefix("text_model."): v for k, v in state.items()}
     width = flat["embeddings.token_embedding.weight"].shape[1]
+    projection = flat.pop("text_projection.weight", None)
     out = {
         "token_embedding.weight": flat.pop("embeddings.token_embedding.weight"),
         "positional_embedding": flat.pop("embeddings.position_embedding.weight"),
         "ln_final.weight": flat.pop("final_layer_norm.weight"),
         "ln_final.bias": flat.pop("final_layer_norm.bias"),
-        "text_projection": torch.eye(width),  # unused by the pipeline; diffusers reads its width
+        "text_projection": torch.eye(width) if projection is None else projection.T,
+        "logit_scale": torch.tensor(4.6052),  # CLIP's contrastive temperature, which no loader reads
     }
     for layer in range(num_layers):
         head = f"encoder.layers.{layer}."
@@ -180,23 +196,46 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor], num_layers: int, seed: int 
         for a, b in OPEN_CLIP_NAMES.items():
             new = new.replace(f".{a}.", f".{b}.")
         out[new] = value
-    generator = torch.Generator().manual_seed(seed)
-    last = f"transformer.resblocks.{num_layers - 1}."
-    for key in [k for k in out if k.startswith(last)]:
-        out[key.replace(last, f"transformer.resblocks.{num_layers}.")] = torch.randn(
-            out[key].shape, generator=generator
-        )
+    if unused_layer:
+        generator = torch.Generator().manual_seed(seed)
+        last = f"transformer.resblocks.{num_layers - 1}."
+        for key in [k for k in out if k.startswith(last)]:
+            value = out[key]  # meta tensors (shapes only) stay meta
+            extra = torch.empty_like(value) if value.is_meta else torch.randn(value.shape, generator=generator)
+            out[key.replace(last, f"transformer.resblocks.{num_layers}.")] = extra
     return out
 
 
-def write_ldm_checkpoint(diffusers_folder: str | Path, out_path: str | Path, components=None) -> Path:
+def text_encoders_to_ldm(folder: Path, components) -> dict[str, torch.Tensor]:
+    """The text encoders of the pipeline in ``folder`` under their original prefixes."""
+    tensors: dict[str, torch.Tensor] = {}
+    sdxl = (folder / "text_encoder_2").is_dir()
+    for part in ("text_encoder", "text_encoder_2"):
+        if part not in components or not (folder / part).is_dir():
+            continue
+        config = json.loads((folder / part / "config.json").read_text())
+        state = load_file(folder / part / "model.safetensors")
+        if part == "text_encoder_2":  # OpenCLIP bigG; the refiner's only encoder, so its first embedder
+            prefix = f"conditioner.embedders.{1 if (folder / 'text_encoder').is_dir() else 0}.model."
+            ldm = open_clip_to_ldm(state, config["num_hidden_layers"], unused_layer=False)
+        elif sdxl:  # OpenAI CLIP ViT-L
+            prefix, ldm = "conditioner.embedders.0.transformer.", clip_to_ldm(state)
+        elif config["hidden_act"] == "gelu":  # OpenCLIP (SD 2.x)
+            prefix, ldm = "cond_stage_model.model.", open_clip_to_ldm(state, config["num_hidden_layers"])
+        else:
+            prefix, ldm = "cond_stage_model.transformer.", clip_to_ldm(state)
+        tensors |= {prefix + k: v for k, v in ldm.items()}
+    return tensors
+
+
+def write_ldm_checkpoint(diffusers_folder: str | Path, out_path: str | Path, components=None, metadata=None) -> Path:
     """Write the pipeline in ``diffusers_folder`` as one original-layout ``.safetensors`` file.
 
-    ``components`` (default: unet, vae, text_encoder) selects what the file contains, so tests
-    can write checkpoints that lack one.
+    ``components`` (default: unet, vae and the text encoders the pipeline has) selects what the
+    file contains, so tests can write checkpoints that lack one; ``metadata``: the header's.
     """
     folder, out_path = Path(diffusers_folder), Path(out_path)
-    components = components or ("unet", "vae", "text_encoder")
+    components = components or ("unet", "vae", "text_encoder", "text_encoder_2")
     tensors: dict[str, torch.Tensor] = {}
     if "unet" in components:
         config = json.loads((folder / "unet" / "config.json").read_text())
@@ -206,19 +245,16 @@ def write_ldm_checkpoint(diffusers_folder: str | Path, out_path: str | Path, com
         config = json.loads((folder / "vae" / "config.json").read_text())
         state = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
         tensors |= {"first_stage_model." + k: v for k, v in vae_to_ldm(state, config).items()}
-    if "text_encoder" in components:
-        config = json.loads((folder / "text_encoder" / "config.json").read_text())
-        state = load_file(folder / "text_encoder" / "model.safetensors")
-        if config["hidden_act"] == "gelu":  # OpenCLIP (SD 2.x)
-            ldm = open_clip_to_ldm(state, config["num_hidden_layers"])
-            tensors |= {"cond_stage_model.model." + k: v for k, v in ldm.items()}
-        else:
-            tensors |= {"cond_stage_model.transformer." + k: v for k, v in clip_to_ldm(state).items()}
+    tensors |= text_encoders_to_ldm(folder, components)
     # Training-time noise schedule buffers sit at the top level of real files; loaders skip them.
     start, end, n = (SD15_SCHEDULER_CONFIG[k] for k in ("beta_start", "beta_end", "num_train_timesteps"))
     betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
-    tensors["betas"] = betas.float()
-    tensors["alphas_cumprod"] = torch.cumprod(1 - betas, 0).float()
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    if (folder / "text_encoder_2").is_dir():  # SGM keeps the noise levels instead
+        tensors["denoiser.sigmas"] = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().float()
+    else:
+        tensors["betas"] = betas.float()
+        tensors["alphas_cumprod"] = alphas_cumprod.float()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out_path)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_path, metadata=metadata)
     return out_path

@@ -290,9 +290,9 @@ def test_single_file_lacking_a_component(tiny_sd1_dir: Path, tmp_path: Path) -> 
 
 
 def test_single_file_without_config_names_the_fix(tiny_sd1_single_file: Path) -> None:
-    # Offline with an empty cache, the repo diffusers would take the config from is unavailable.
+    # The tiny shapes fit none of the built-in architectures (no hub is asked: conftest is offline).
     message = source_error(str(tiny_sd1_single_file))
-    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in message and "--config" in message
+    assert "fits no architecture coreml-sd knows without --config" in message and "SD 1.5's" in message
 
 
 def test_single_file_with_the_wrong_config(tiny_sd1_dir, tiny_sd2_single_file: Path) -> None:
@@ -334,12 +334,16 @@ def test_hub_repo_from_the_cache(offline_hub: Path, tiny_sd2_dir: Path) -> None:
 
 
 def test_hub_config_for_a_single_file(offline_hub: Path, tiny_sd1_dir, tiny_sd1_single_file: Path) -> None:
-    cache_repo(offline_hub, "stable-diffusion-v1-5/stable-diffusion-v1-5", tiny_sd1_dir)
-    source = open_source(str(tiny_sd1_single_file))  # the config repo diffusers infers
+    cache_repo(offline_hub, "tiny/sd1", tiny_sd1_dir)
+    source = open_source(str(tiny_sd1_single_file), config="tiny/sd1")
     assert source.kind == "single-file" and source.family == "sd1"
     assert_same_tensors(source.load("unet"), saved_weights(tiny_sd1_dir, "unet"))
-    other = open_source(str(tiny_sd1_single_file), config="stable-diffusion-v1-5/stable-diffusion-v1-5")
-    assert other.fingerprint("unet") == source.fingerprint("unet")
+    local = open_source(str(tiny_sd1_single_file), config=str(tiny_sd1_dir))
+    assert local.fingerprint("unet") == source.fingerprint("unet")  # the same file and unet config
+    assert "tiny/absent (revision main) is not in the local cache" in source_error(
+        str(tiny_sd1_single_file), config="tiny/absent")
+    assert "neither a folder, a hub repo id (org/name) nor a built-in architecture (sd15, sd2-512" in source_error(
+        str(tiny_sd1_single_file), config="not-a-config")
 
 
 def test_hub_repo_missing_weights(offline_hub: Path, tiny_sd1_dir: Path) -> None:
@@ -457,11 +461,14 @@ def test_unsupported_single_files(tiny_sd1_dir: Path, tiny_sd1_single_file: Path
     inpainting = dict(tensors)
     conv_in = inpainting["model.diffusion_model.input_blocks.0.0.weight"]
     inpainting["model.diffusion_model.input_blocks.0.0.weight"] = conv_in.repeat(1, 3, 1, 1)[:, :9].contiguous()
-    xl = tensors | {"conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": torch.zeros(1)}
+    # SDXL files are read (test_single_file_sdxl); SD 3.5 and Flux are named by their own keys.
+    sd35 = tensors | {"model.diffusion_model.joint_blocks.37.x_block.mlp.fc1.weight": torch.zeros(1)}
+    flux = {"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(1)}
     lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)}
     for name, content, expected in [
         ("inpainting", inpainting, "inpainting"),
-        ("xl", xl, "Stable Diffusion XL"),
+        ("sd35", sd35, "another model (sd35_large"),
+        ("flux", flux, "another model (flux"),
         ("lora", lora, "no Stable Diffusion tensors"),
     ]:
         path = tmp_path / f"{name}.safetensors"
