@@ -160,15 +160,16 @@ def test_sdxl_single_file_converts(family: str, folder: Path, single_file: Path,
 # -- the built-in architectures ---------------------------------------------------------------
 
 # Exact parameter counts of the published models, per part, built here from the shipped configs.
-# UNets: SD 1.5 859,520,964 and SDXL base 2,567,463,684 as given in the issue; SD 2.x 865,910,724,
-# SDXL refiner 2,259,526,660 (the issue's 2,318,916,484 for the refiner is not what any SDXL
-# refiner-shaped config gives: a public project that builds UNets from the downloaded published
-# configs records 2,259,526,660 for stabilityai/stable-diffusion-xl-refiner-1.0's). Text encoders:
-# CLIP ViT-L 123,060,480; OpenCLIP bigG with projection 694,659,840; OpenCLIP ViT-H 340,387,840 as
-# diffusers configures it (23 of its 24 layers, no projection; with both it is the 354M below).
-# VAE 83,653,863. Rounded, they are the figures the SDXL paper (Podell et al. 2023) compares: UNets
-# of 860M (SD 1.x), 865M (SD 2.x) and 2.6B parameters, and 817M (= 123M + 694M) for SDXL's two text
-# encoders.
+# UNets: SD 1.5 859,520,964 and SDXL base 2,567,463,684 as the task brief gives them; SD 2.x
+# 865,910,724; SDXL refiner 2,259,526,660. The brief's 2,318,916,484 for the refiner does not come
+# out of the refiner's published architecture (SGM's sd_xl_refiner.yaml: 384 channels x [1, 2, 4, 4],
+# attention at the two middle levels with depth 4, 64-wide heads, 1280-wide context, a 2560-wide
+# label embedding), which gives 2,259,526,660, the count a public project also records for the
+# downloaded stabilityai/stable-diffusion-xl-refiner-1.0 UNet config. Text encoders: CLIP ViT-L
+# 123,060,480; OpenCLIP bigG with projection 694,659,840; OpenCLIP ViT-H 340,387,840 as diffusers
+# configures it (23 of its 24 layers, no projection). VAE 83,653,863. Rounded, they are the figures
+# the SDXL paper (Podell et al. 2023) compares: UNets of 860M (SD 1.x), 865M (SD 2.x) and 2.6B, and
+# 817M (= 123M + 694M) for SDXL's two text encoders.
 PARAMETERS = {
     "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sd2-512": {"unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840},
