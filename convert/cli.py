@@ -57,7 +57,8 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--width", type=int, help="Image width in pixels (default: the model's native size).")
 @click.option("--unet-batch-one", is_flag=True, help="UNet takes batch 1 (two calls per step with guidance; less memory).")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of SOURCE.")
-@click.option("--config", "config", help="Diffusers folder or hub id with the architecture of a single-file SOURCE.")
+@click.option("--config", "config", help="Architecture of a single-file SOURCE: a diffusers folder, hub id, or built-in name"
+              " (sd15, sd2-512, sd2-768-v, sdxl-base, sdxl-refiner); known architectures need none.")
 @click.option("--vae", "vae", help="Replacement VAE: hub id, folder or .safetensors file (e.g. a float16-safe SDXL VAE).")
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle checkpoints (.ckpt, .bin): only for files you trust.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (unchanged components are reused).")
