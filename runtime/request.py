@@ -184,7 +184,7 @@ def _check_xl(bundle: Bundle, prompt_2, negative_prompt_2, original_size, crop, 
                                       ("original_size", original_size), ("crop", crop), ("refiner", refiner),
                                       ("refiner_start", refiner_start), ("aesthetic_score", aesthetic_score),
                                       ("negative_aesthetic_score", negative_aesthetic_score))
-             if value not in (None, "")]
+             if value is not None and not (isinstance(value, str) and value == "")]
     if family.time_ids == 0:
         if given:
             raise GenerationError(f"{_option(given[0])} is an SDXL option; this bundle is {family.label}")
@@ -192,7 +192,7 @@ def _check_xl(bundle: Bundle, prompt_2, negative_prompt_2, original_size, crop, 
     if (prompt_2 or negative_prompt_2) and len(family.conditioning.encoders) < 2:
         which = "--prompt-2" if prompt_2 else "--negative-prompt-2"
         raise GenerationError(f"{which} is read by the second text encoder of an SDXL base; this {family.label} bundle "
-                              "has one encoder, which reads --prompt")
+                              "has one encoder, which reads the prompt")
     fields: dict = {"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2}
     if original_size is not None:
         fields["original_size"] = _pixels(original_size, "original size", "(height, width)", 1)

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.cli import main
@@ -39,7 +40,7 @@ PROMPT = "a photo of a cat"
 GUIDANCE = 7.5  # ours by default; diffusers' SDXL default is 5, so the reference is always told
 # diffusers' keyword for each of our options, where it differs
 DIFFUSERS_NAMES = {"scheduler": None, "steps": "num_inference_steps", "crop": "crops_coords_top_left",
-                   "num_images": "num_images_per_prompt", "refiner": None, "refiner_start": None}
+                   "num_images": "num_images_per_prompt", "refiner": None, "refiner_start": None, "seed": None}
 
 
 @pytest.fixture(scope="module")
@@ -188,15 +189,22 @@ def test_turbo_matches_diffusers(base_bundle, tiny_sdxl_dir, tiny_sdxl_turbo_dir
 # ------------------------------------------------------------------ the refiner hand-off
 
 
-def handoff_reference(tiny_sdxl_dir, tiny_sdxl_refiner_dir, options: dict):
-    """diffusers' documented two-pipeline hand-off, one generator through both."""
+def handoff_reference(tiny_sdxl_dir, tiny_sdxl_refiner_dir, options: dict, restart: bool = False):
+    """diffusers' documented two-pipeline hand-off, one generator through both (``restart``: the
+    refiner given a fresh generator of the same seed instead). With ``init_image``, the base is
+    diffusers' SDXL image-to-image pipeline."""
     scheduler, start = options.get("scheduler"), options.get("refiner_start", 0.8)
     them = diffusers_options(options)
-    generator = torch.Generator().manual_seed(options.get("seed", 42))
+    generator = torch.Generator().manual_seed(options["seed"])
     base_only = {k: v for k, v in them.items() if "aesthetic" not in k}
-    latents = reference("StableDiffusionXLPipeline", tiny_sdxl_dir, scheduler)(
+    if "init_image" in options:
+        base_only["image"] = base_only.pop("init_image")
+    latents = reference("StableDiffusionXLImg2ImgPipeline" if "init_image" in options else "StableDiffusionXLPipeline",
+                        tiny_sdxl_dir, scheduler)(
         PROMPT, generator=generator, denoising_end=start, output_type="latent", **base_only).images
-    refiner_only = {k: v for k, v in them.items() if not k.startswith("prompt_2")}
+    refiner_only = {k: v for k, v in them.items() if not k.startswith("prompt_2") and k not in ("init_image", "strength")}
+    if restart:
+        generator = torch.Generator().manual_seed(options["seed"])
     return reference("StableDiffusionXLImg2ImgPipeline", tiny_sdxl_refiner_dir, scheduler)(
         PROMPT, image=latents, generator=generator, denoising_start=start, **refiner_only).images[0]
 
@@ -204,14 +212,14 @@ def handoff_reference(tiny_sdxl_dir, tiny_sdxl_refiner_dir, options: dict):
 def test_refiner_handoff_matches_diffusers(base, refiner, tiny_sdxl_dir, tiny_sdxl_refiner_dir):
     """The bundle's Euler from 0.8: 8 steps of the base, then 2 of the refiner from its own
     schedule, decoded by the refiner's VAE; and the refiner given as a path (loaded once, kept)."""
-    options = {"scheduler": None, "steps": 10}
-    run = base.start(PROMPT, seed=42, refiner=refiner, **options)
+    options = {"scheduler": None, "steps": 10, "seed": 42}
+    run = base.start(PROMPT, refiner=refiner, **options)
     steps = list(run)
     assert [s.index for s in steps] == list(range(1, 11)) and {s.total for s in steps} == {10}
     assert [len(p.timesteps) for p in run.phases] == [8, 2] and run.phases[1].pipe is refiner
     result = run.finish()
     assert score(result.images[0], handoff_reference(tiny_sdxl_dir, tiny_sdxl_refiner_dir, options)) >= 30
-    by_path = base(PROMPT, seed=42, refiner=str(refiner.bundle.path), **options)
+    by_path = base(PROMPT, refiner=str(refiner.bundle.path), **options)
     np.testing.assert_array_equal(pixels(by_path)[0], pixels(result)[0])
     assert len(base._refiners) == 1
 
@@ -221,7 +229,7 @@ def test_refiner_handoff_from_the_cli_matches_diffusers(base_bundle, refiner_bun
     """Euler ancestral (noise drawn every step, one stream through both models) handing off at
     0.5, with a negative prompt, a second prompt, original size, crop and aesthetic scores; the
     PNG's parameters carry the SDXL fields, which read back as written."""
-    options = {"scheduler": "euler-a", "steps": 8, "refiner_start": 0.5, "negative_prompt": "blurry, dark",
+    options = {"scheduler": "euler-a", "steps": 8, "seed": 42, "refiner_start": 0.5, "negative_prompt": "blurry, dark",
                "prompt_2": "a dog, sitting", "original_size": (96, 200), "crop": (8, 16), "aesthetic_score": 7.0,
                "negative_aesthetic_score": 3.0}
     result = CliRunner().invoke(main, [
@@ -231,7 +239,9 @@ def test_refiner_handoff_from_the_cli_matches_diffusers(base_bundle, refiner_bun
         "--negative-aesthetic-score", "3", "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output
     [png] = result.stdout.split()
-    assert score(png, handoff_reference(tiny_sdxl_dir, tiny_sdxl_refiner_dir, options)) >= 30
+    got = score(png, handoff_reference(tiny_sdxl_dir, tiny_sdxl_refiner_dir, options))
+    # The refiner's noise continues the base's stream: a fresh one moves the image only to ~37 dB.
+    assert got >= 30 and got > score(png, handoff_reference(tiny_sdxl_dir, tiny_sdxl_refiner_dir, options, restart=True)) + 10
     lines = read_parameters(png).splitlines()
     assert lines[:2] == [PROMPT, "Negative prompt: blurry, dark"]
     # Values with a comma are quoted, as test_image.py checks readers parse them.
@@ -239,6 +249,18 @@ def test_refiner_handoff_from_the_cli_matches_diffusers(base_bundle, refiner_bun
                   "Refiner: tiny_sdxl_refiner", "Refiner switch at: 0.5", "Aesthetic score: 7",
                   "Negative aesthetic score: 3", "Size: 128x128", "Sampler: Euler a"):
         assert f", {field}," in lines[2], field
+
+
+def test_image_to_image_then_refiner_matches_diffusers(base, refiner, tiny_sdxl_dir, tiny_sdxl_refiner_dir):
+    """An init image: the base denoises the part of its image-to-image schedule above the
+    hand-off, as diffusers' SDXL image-to-image pipeline with denoising_end does."""
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    options = {"scheduler": "dpmpp-2m", "steps": 10, "seed": 4, "init_image": init, "strength": 0.7, "refiner_start": 0.5}
+    run = base.start(PROMPT, refiner=refiner, **options)
+    assert [len(p.timesteps) for p in run.phases] == [2, 5]  # 7 of 10 steps at strength 0.7, 5 below the hand-off
+    for _ in run:
+        pass
+    assert score(run.finish().images[0], handoff_reference(tiny_sdxl_dir, tiny_sdxl_refiner_dir, options)) >= 30
 
 
 def test_reduce_memory_releases_the_base_unet_before_the_refiner_loads(base, refiner_bundle):
