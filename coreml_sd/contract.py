@@ -23,11 +23,16 @@ MANIFEST = "manifest.json"
 VOCAB, MERGES, SCHEDULER_CONFIG = "vocab.json", "merges.txt", "scheduler_config.json"
 
 # Apple's Python converter names packages "Stable_Diffusion_version_<model>_<submodule>.mlpackage"
-# (its published packages/ folders); the compiled Resources folders use the bare model names.
+# (its published packages/ folders); the compiled Resources folders use the bare model names
+# (apple/ml-stable-diffusion at e12202c, python_coreml_stable_diffusion/torch2coreml.py lines
+# 99-102 and 281-291: SDXL's second encoder is "text_encoder_2", a refiner converted beside a base
+# "refiner", compiled as TextEncoder2 and UnetRefiner).
 APPLE_PACKAGE_PREFIX = "Stable_Diffusion_version_"
 APPLE_SUBMODULES = {
     "TextEncoder": "text_encoder",
+    "TextEncoder2": "text_encoder_2",
     "Unet": "unet",
+    "UnetRefiner": "refiner",
     "VAEDecoder": "vae_decoder",
     "VAEEncoder": "vae_encoder",
 }

@@ -6,6 +6,7 @@ Imports neither torch nor coremltools at module level.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,15 +27,23 @@ from ..contract import (
     read_manifest,
     verify_files,
 )
-from ..families import FAMILIES, MODEL_NAMES, SD1, SD2, Family
+from ..families import FAMILIES, MODEL_NAMES, SD1, SD2, SDXL, SDXL_REFINER, Family
 
-__all__ = ["Bundle", "BundleError", "ModelFiles", "describe_shapes", "open_bundle", "verify_cached"]
+__all__ = ["Bundle", "BundleError", "ModelFiles", "describe_shapes", "open_bundle", "refiner_of", "verify_cached"]
 
 
 # ------------------------------------------------------------------ opening a bundle for the runtime
 
 # What a bundle without a scheduler config gets (Apple's layouts): SD 1.5's, noise prediction.
 DEFAULT_SCHEDULER = {**SD15_SCHEDULER_CONFIG, "prediction_type": "epsilon"}
+# An SDXL one: stabilityai/stable-diffusion-xl-base-1.0's (and its refiner's) scheduler_config.json,
+# SD 1.5's noise schedule run by Euler over "leading" timesteps.
+DEFAULT_XL_SCHEDULER = {**DEFAULT_SCHEDULER, "_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading",
+                        "interpolation_type": "linear", "use_karras_sigmas": False}
+# diffusers' ``force_zeros_for_empty_prompt`` where a bundle does not record it (Apple's layouts):
+# what the published model_index.json files say, true for stabilityai's SDXL base, false for its
+# refiner. SD 1.x / 2.x encode an empty negative prompt like any other.
+FORCE_ZEROS = {SDXL.name: True, SDXL_REFINER.name: False}
 
 
 @dataclass
@@ -63,11 +72,19 @@ class Bundle:
     vae_scaling: float
     name: str  # the model's name for image metadata
     manifest: dict[str, Any] | None = None
+    # SDXL: no negative prompt conditions on zeros instead of an encoded "" (diffusers'
+    # ``force_zeros_for_empty_prompt``).
+    force_zeros: bool = False
 
     @property
     def spec(self) -> Family:
         """The family's description: components, conditioning, constants."""
         return FAMILIES[self.family]
+
+    @property
+    def unet(self) -> str:
+        """The denoiser's model name: "Unet", or "UnetRefiner" for an SDXL refiner."""
+        return self.spec.unet
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -146,6 +163,9 @@ def _open_ours(root: Path, verify: bool) -> Bundle:
     h, w = _field(root, manifest, "image_size",
                   lambda v: isinstance(v, list) and len(v) == 2 and all(_positive(d) and d % 8 == 0 for d in v),
                   "[height, width] in pixels, multiples of 8")
+    family = _field(root, manifest, "family", lambda v: v in FAMILIES, " or ".join(FAMILIES))
+    force_zeros = _field(root, manifest, "conditioning.force_zeros_for_empty_prompt", lambda v: isinstance(v, bool),
+                         "true or false", required=False)
     return Bundle(
         path=root,
         layout="coreml-sd",
@@ -153,7 +173,7 @@ def _open_ours(root: Path, verify: bool) -> Bundle:
         vocab=root / VOCAB,
         merges=root / MERGES,
         scheduler_config=scheduler,
-        family=_field(root, manifest, "family", lambda v: v in FAMILIES, " or ".join(FAMILIES)),
+        family=family,
         prediction_type=_field(root, manifest, "prediction_type", lambda v: v in ("epsilon", "v_prediction", "sample"),
                                "epsilon, v_prediction or sample"),
         image_size=(h, w),
@@ -162,6 +182,7 @@ def _open_ours(root: Path, verify: bool) -> Bundle:
         vae_scaling=float(_field(root, manifest, "vae.scaling_factor", _positive_number, "a positive number")),
         name=name,
         manifest=manifest,
+        force_zeros=FORCE_ZEROS.get(family, False) if force_zeros is None else force_zeros,
     )
 
 
@@ -236,9 +257,9 @@ def _apple_models(root: Path, layout: str) -> dict[str, ModelFiles]:
 
 def _open_apple(root: Path, layout: str) -> Bundle:
     models = _apple_models(root, layout)
-    missing = [n for n in SD1.required if n not in models]
-    if missing:
-        raise BundleError(f"{root}: no {', '.join(missing)} model in this {layout} folder; it is not a complete pipeline")
+    unet = "Unet" if "Unet" in models else "UnetRefiner"
+    if unet not in models:
+        raise BundleError(f"{root}: no Unet model in this {layout} folder; it is not a complete pipeline")
     # Tokenizer files sit beside compiled models; Apple's packages/ folders have none, so look in
     # the sibling compiled/ folder too: beside the folder as given first (a packages/ linked into
     # a model's folder), then beside the link's target.
@@ -249,24 +270,23 @@ def _open_apple(root: Path, layout: str) -> Bundle:
         raise BundleError(
             f"{root}: no {VOCAB} and {MERGES} here or in ../compiled; copy the CLIP tokenizer files beside the models"
         )
-    unet = _describe(models["Unet"])
-    text = _describe(models["TextEncoder"])
-    sample = unet[0].get("sample")
-    if sample is None or len(sample) != 4:
-        raise BundleError(f"{root}: the UNet has no (batch, 4, height, width) 'sample' input; it is not a Stable Diffusion UNet")
-    hidden = text[1].get("last_hidden_state")
-    if hidden is None:
-        raise BundleError(f"{root}: the text encoder has no last_hidden_state output (SDXL bundles are not supported)")
-    family = SD2 if hidden[-1] == 1024 else SD1
+    inputs = _describe(models[unet])[0]
+    sample = _sample_shape(root, inputs)
+    family = _apple_family(root, models, inputs)
+    if family is SDXL_REFINER and unet == "Unet":  # a refiner converted on its own: Apple names its UNet "Unet"
+        models["UnetRefiner"] = models.pop("Unet")
+    missing = [n for n in family.required if n not in models]
+    if missing:
+        raise BundleError(f"{root}: no {', '.join(missing)} model in this {layout} folder; "
+                          f"it is not a complete {family.label} pipeline")
     _check_tokenizer(tokenizer, family.pad_token)
-    name = _apple_name(root, models["Unet"])
     return Bundle(
         path=root,
         layout=layout,
         models=models,
         vocab=tokenizer / VOCAB,
         merges=tokenizer / MERGES,
-        scheduler_config=DEFAULT_SCHEDULER,
+        scheduler_config=DEFAULT_XL_SCHEDULER if family.time_ids else DEFAULT_SCHEDULER,
         family=family.name,
         prediction_type="epsilon",  # Apple's Swift pipeline supports only noise prediction
         image_size=(sample[2] * family.vae_scale, sample[3] * family.vae_scale),
@@ -274,7 +294,51 @@ def _open_apple(root: Path, layout: str) -> Bundle:
         # diffusers pads SD 2.x prompts with "!" (Apple's Swift package pads all with the end token).
         pad_token=family.pad_token,
         vae_scaling=family.vae_scaling_factor,
-        name=name,
+        name=_apple_name(root, models[family.unet]),
+        force_zeros=FORCE_ZEROS.get(family.name, False),
+    )
+
+
+def _sample_shape(root: Path, unet_inputs: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    sample = unet_inputs.get("sample")
+    if sample is None or len(sample) != 4:
+        raise BundleError(f"{root}: the UNet has no (batch, 4, height, width) 'sample' input; it is not a Stable Diffusion UNet")
+    return sample
+
+
+def _apple_family(root: Path, models: dict[str, ModelFiles], unet_inputs: dict[str, tuple[int, ...]]) -> Family:
+    """The family of an Apple layout, told from its models as Apple's Swift package and Mochi
+    Diffusion tell it: a UNet taking ``time_ids`` is SDXL's, its refiner's when they are 5 per
+    batch item (``StableDiffusionXLPipeline.swift`` line 153; the base's are (2, 6), or (12,) in
+    early conversions); without them, SD 2.x when the text encoder is 1024 wide, else SD 1.x."""
+    time_ids = unet_inputs.get("time_ids")
+    if time_ids is not None:
+        return SDXL_REFINER if time_ids[-1] == 5 else SDXL
+    if "TextEncoder" not in models:
+        raise BundleError(f"{root}: no TextEncoder model in this folder; it is not a complete pipeline")
+    hidden = _describe(models["TextEncoder"])[1].get("last_hidden_state")
+    if hidden is None:
+        raise BundleError(f"{root}: the text encoder has no last_hidden_state output and the UNet no time_ids input; "
+                          "it is neither a Stable Diffusion 1.x/2.x nor an SDXL pipeline")
+    return SD2 if hidden[-1] == 1024 else SD1
+
+
+def refiner_of(bundle: Bundle) -> Bundle | None:
+    """The SDXL refiner a bundle holds: the bundle itself (family sdxl-refiner), or, for an Apple
+    folder holding a base and its refiner (``UnetRefiner`` beside ``Unet``), that refiner with the
+    folder's ``TextEncoder2`` and VAE, as Apple's Swift pipeline runs it; None if it holds none."""
+    if bundle.family == SDXL_REFINER.name:
+        return bundle
+    if bundle.family != SDXL.name or not bundle.has("UnetRefiner"):
+        return None
+    names = {c.name for c in SDXL_REFINER.components}
+    models = {name: files for name, files in bundle.models.items() if name in names}
+    sample = _sample_shape(bundle.path, _describe(models["UnetRefiner"])[0])
+    scale = SDXL_REFINER.vae_scale
+    return dataclasses.replace(
+        bundle, family=SDXL_REFINER.name, models=models, image_size=(sample[2] * scale, sample[3] * scale),
+        unet_batch=sample[0], pad_token=SDXL_REFINER.pad_token, name=_apple_name(bundle.path, models["UnetRefiner"]),
+        force_zeros=FORCE_ZEROS[SDXL_REFINER.name],
     )
 
 
@@ -307,7 +371,7 @@ def _apple_name(root: Path, unet: ModelFiles) -> str:
     not one of the layout's own (``compiled``, ``split_einsum``, ``Resources``, ...)."""
     stem = unet.packages[0].stem if unet.packages else _generated_class_name(unet.compiled[0])
     if stem and stem.startswith(APPLE_PACKAGE_PREFIX):
-        return re.sub(r"_unet(_chunk\d)?$", "", stem.removeprefix(APPLE_PACKAGE_PREFIX))
+        return re.sub(r"_(unet|refiner)(_chunk\d)?$", "", stem.removeprefix(APPLE_PACKAGE_PREFIX))
     folders = [root.resolve(), *root.resolve().parents]
     return next((f.name for f in folders if f.name and f.name.lower() not in _GENERIC_FOLDERS), "model")
 

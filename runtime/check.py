@@ -84,8 +84,9 @@ def check_files(root: Path, files: dict[str, str], found: Findings, log) -> None
 
 def probe_inputs(inputs: dict) -> dict[str, np.ndarray]:
     """Inputs for one run, built from the model's descriptions (name -> TensorDescription):
-    valid token ids for ``input_ids``, the first SD timestep for ``timestep``, zeros for other
-    integer inputs, and seeded standard normal values (latents' scale) for other float inputs."""
+    valid token ids for ``input_ids``, the first SD timestep for ``timestep``, image sizes for
+    SDXL's ``time_ids``, zeros for other integer inputs, and seeded standard normal values
+    (latents' scale) for other float inputs (SDXL's ``text_embeds`` among them)."""
     rng = np.random.default_rng(0)
     feeds = {}
     for name, desc in inputs.items():
@@ -95,12 +96,23 @@ def probe_inputs(inputs: dict) -> dict[str, np.ndarray]:
             value = np.broadcast_to(np.array(row, np.float64), desc.shape)
         elif name == "timestep":
             value = np.full(desc.shape, _PROBE_TIMESTEP)
+        elif name == "time_ids":
+            value = _probe_time_ids(desc.shape, inputs.get("sample"))
         elif desc.dtype == "int32":
             value = np.zeros(desc.shape)
         else:
             value = rng.standard_normal(desc.shape)
         feeds[name] = np.ascontiguousarray(value).astype(np.int32 if desc.dtype == "int32" else np.float32)
     return feeds
+
+
+def _probe_time_ids(shape: tuple[int, ...], sample) -> np.ndarray:
+    """SDXL's micro-conditioning as a generation feeds it, at the image size the UNet's latents
+    imply: original size, crop (0, 0), then the target size (the base's 6 ids) or the refiner's
+    default aesthetic score (its 5), tiled over the batch (or the flat (12,) of early conversions)."""
+    h, w = (sample.shape[-2] * 8, sample.shape[-1] * 8) if sample is not None and len(sample.shape) == 4 else (1024, 1024)
+    row = [h, w, 0, 0, *((6.0,) if shape[-1] == 5 else (h, w))]
+    return np.resize(np.array(row, np.float64), shape)
 
 
 def run_models(bundle, backend: str, skip: set[str], found: Findings, log) -> list[str]:

@@ -33,6 +33,25 @@ def truncation(what: str, cut: str, shown: int = 5) -> str:
     return f'the {what} is longer than 77 tokens; {len(words)} word{"s" if len(words) != 1 else ""} ignored, starting "{start}"'
 
 
+def _pair(value: str | None, sep: str, what: str) -> tuple[int, int] | None:
+    """"A<sep>B" as two whole numbers, for click (a bad one is click's one-line usage error)."""
+    if value is None:
+        return None
+    parts = value.lower().replace(" ", "").split(sep)
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise click.BadParameter(f"{value!r} is not {what}")
+    return int(parts[0]), int(parts[1])
+
+
+def _size(ctx, param, value):
+    pair = _pair(value, "x", "WIDTHxHEIGHT in pixels, such as 1024x768")
+    return None if pair is None else (pair[1], pair[0])  # (height, width), as the API and diffusers take it
+
+
+def _crop(ctx, param, value):
+    return _pair(value, ",", "TOP,LEFT in pixels, such as 0,0")
+
+
 def missing_folders(path: Path) -> list[Path]:
     """``path`` and its ancestors that do not exist yet, deepest first: what ``mkdir -p`` creates."""
     missing = []
@@ -60,6 +79,23 @@ def remove_if_empty(folders: list[Path]) -> None:
 @click.option("--scheduler", type=click.Choice(SCHEDULER_NAMES), help="Sampler (default: the model's own).")
 @click.option("--seed", type=int, help="Seed (default: random); the same seed gives the same image as diffusers on CPU.")
 @click.option("--negative-prompt", default="", help="What the image should not show.")
+@click.option("--prompt-2", default="", help="SDXL base: the prompt of the second text encoder (default: the prompt).")
+@click.option("--negative-prompt-2", default="",
+              help="SDXL base: the negative prompt of the second text encoder (default: the negative prompt). "
+              "Without any negative prompt, SDXL base conditions the negative branch on zeros, as diffusers does.")
+@click.option("--original-size", callback=_size, metavar="WxH",
+              help="SDXL: the size the model is told the image had before resizing, WIDTHxHEIGHT pixels "
+              "as in the PNG's Size field (default: the bundle's size).")
+@click.option("--crop", callback=_crop, metavar="TOP,LEFT",
+              help="SDXL: the top-left corner, in pixels, of the crop the model is told the image is (default: 0,0).")
+@click.option("--refiner", type=click.Path(path_type=Path),
+              help="SDXL: a refiner bundle that finishes the denoising (its own text encoder and VAE).")
+@click.option("--refiner-start", type=float,
+              help="With --refiner: the fraction of the schedule the base denoises before the refiner takes over "
+              "(default: 0.8).")
+@click.option("--aesthetic-score", type=float, help="SDXL refiner: the aesthetic score it is conditioned on (default: 6).")
+@click.option("--negative-aesthetic-score", type=float,
+              help="SDXL refiner: the aesthetic score of the negative branch (default: 2.5).")
 @click.option("--init-image", type=click.Path(path_type=Path),
               help="Start from this image (image-to-image). Scaled to the bundle's size keeping its aspect ratio; "
               "a different aspect ratio is center-cropped, never stretched.")
@@ -76,7 +112,8 @@ def remove_if_empty(folders: list[Path]) -> None:
 @click.option("--width", type=int, help="Must match the bundle (default: its size).")
 @click.option("-o", "--output", "out", default=Path("."), show_default=True, type=click.Path(path_type=Path),
               help="Folder for the PNG files (created if needed).")
-def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negative_prompt, init_image, strength,
+def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negative_prompt, prompt_2, negative_prompt_2,
+             original_size, crop, refiner, refiner_start, aesthetic_score, negative_aesthetic_score, init_image, strength,
              backend, compute_units, reduce_memory, precision, rng, height, width, out):
     """Generate images for PROMPT with a converted bundle.
 
@@ -99,7 +136,12 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
         request = check_request(
             opened, prompt, negative_prompt=negative_prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler,
             seed=seed, num_images=num_images, init_image=image, strength=strength, rng=rng, height=height, width=width,
+            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size, crop=crop,
+            refiner=refiner, refiner_start=refiner_start, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score,
         )
+        if request.refiner is not None:
+            check_setup(request.refiner, backend, precision, purpose="the refiner")
     except (BundleError, GenerationError) as exc:
         raise click.ClickException(str(exc)) from None
     if out.exists() and not out.is_dir():
@@ -117,9 +159,11 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
         warn("--strength is ignored: it applies to image-to-image only; add --init-image to use it")
     if given("compute_units") != ParameterSource.DEFAULT and resolved != "coreml":
         warn(f"--compute-units is ignored: the {resolved} backend runs on the CPU; it applies to --backend coreml (macOS)")
-    if negative_prompt and not request.guided:
-        warn(f"--negative-prompt is ignored: guidance is off at --guidance {guidance:g} (<= 1); "
-             "raise it to use a negative prompt")
+    for option, value in (("--negative-prompt", negative_prompt), ("--negative-prompt-2", negative_prompt_2),
+                          ("--negative-aesthetic-score", negative_aesthetic_score)):
+        if value not in (None, "") and not request.guided:
+            warn(f"{option} is ignored: guidance is off at --guidance {guidance:g} (<= 1); "
+                 "raise it to use a negative prompt")
     if image is not None:
         h, w = opened.image_size
         left, upper, right, lower = crop_box(image.size, (w, h))
@@ -134,6 +178,10 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
             warn(truncation("prompt", run.truncated))
         if run.negative_truncated:
             warn(truncation("negative prompt", run.negative_truncated))
+        if run.truncated_2:
+            warn(truncation("second prompt", run.truncated_2))
+        if run.negative_truncated_2:
+            warn(truncation("second negative prompt", run.negative_truncated_2))
         label = f"{pipe.backend} {compute_units if pipe.backend == 'coreml' else ''}".strip()
         result = denoise_with_progress(run, f"denoising ({label})")
     except (BundleError, BackendError, GenerationError) as exc:

@@ -19,6 +19,18 @@ def _stack(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
+def _as_declared(inputs: dict[str, np.ndarray], unet: Model) -> dict[str, np.ndarray]:
+    """Each input in the shape the model declares when it holds the same values in another one:
+    early SDXL conversions of Apple's take the two branches' ``time_ids`` flat, (12,) for (2, 6)
+    (StableDiffusionXLPipeline.swift lines 346-349)."""
+    declared = getattr(unet, "inputs", {})
+    out = {}
+    for name, value in inputs.items():
+        shape = declared[name].shape if name in declared else value.shape
+        out[name] = value.reshape(shape) if value.shape != shape and value.size == np.prod(shape) else value
+    return out
+
+
 class GuidedUNet:
     """``predict(x, t)``: the (guided) model prediction for latents ``x`` (N, 4, h, w).
 
@@ -37,6 +49,7 @@ class GuidedUNet:
             self.calls = [_stack([uncond, cond])]
         else:
             self.calls = [uncond, cond]
+        self.calls = [_as_declared(call, unet) for call in self.calls]
         self.model_time = 0.0
         self.failed_inputs: dict[str, np.ndarray] | None = None
 

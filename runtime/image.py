@@ -47,6 +47,15 @@ class Parameters:
     batch_size: int = 1
     batch_pos: int = 0
     strength: float | None = None  # img2img only
+    # SDXL, each written only when it was given (or, for the aesthetic scores, used)
+    prompt_2: str = ""
+    negative_prompt_2: str = ""
+    original_size: tuple[int, int] | None = None  # (height, width), as diffusers orders it
+    crop: tuple[int, int] | None = None  # (top, left)
+    refiner: str | None = None  # the refiner's model name
+    refiner_start: float | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
 
     def infotext(self) -> str:
         fields = [
@@ -59,6 +68,7 @@ class Parameters:
         ]
         if self.strength is not None:
             fields.append(("Denoising strength", f"{self.strength:g}"))
+        fields += self._xl_fields()
         if self.batch_size > 1:
             fields += [("Batch size", self.batch_size), ("Batch pos", self.batch_pos)]
         if self.rng != "torch":
@@ -69,6 +79,28 @@ class Parameters:
             lines.append(f"Negative prompt: {self.negative_prompt}")
         lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields))
         return "\n".join(lines)
+
+
+    def _xl_fields(self) -> list[tuple[str, object]]:
+        """SDXL's fields. "Refiner" and "Refiner switch at" as AUTOMATIC1111's web UI writes them;
+        the others are keys of our own, which its parser (and the readers that copy it) keep as
+        they keep any key; sizes as "WxH", like "Size"."""
+        fields: list[tuple[str, object]] = []
+        if self.prompt_2:
+            fields.append(("Prompt 2", self.prompt_2))
+        if self.negative_prompt_2:
+            fields.append(("Negative prompt 2", self.negative_prompt_2))
+        if self.original_size is not None:
+            fields.append(("Original size", f"{self.original_size[1]}x{self.original_size[0]}"))
+        if self.crop is not None and tuple(self.crop) != (0, 0):
+            fields += [("Crop top", self.crop[0]), ("Crop left", self.crop[1])]
+        if self.refiner is not None:
+            fields += [("Refiner", self.refiner), ("Refiner switch at", f"{self.refiner_start:g}")]
+        if self.aesthetic_score is not None:
+            fields.append(("Aesthetic score", f"{self.aesthetic_score:g}"))
+        if self.negative_aesthetic_score is not None:
+            fields.append(("Negative aesthetic score", f"{self.negative_aesthetic_score:g}"))
+        return fields
 
 
 def _quote(value) -> str:

@@ -3,6 +3,12 @@
 ``coreml-sd generate`` calls ``check_setup`` and ``check_request`` ahead of ``Pipeline(...)``,
 which loads models eagerly (unless ``reduce_memory``), so a bad option costs nothing;
 ``Pipeline.start`` calls the same functions.
+
+SDXL's options follow diffusers' ``StableDiffusionXLPipeline``, with one difference of spelling:
+an empty negative prompt ("", the default) means none was given, which diffusers spells
+``negative_prompt=None``. So on a bundle whose manifest sets ``force_zeros_for_empty_prompt`` (the
+SDXL base), no negative prompt conditions the negative branch on zeros, and a non-empty one on
+its encoding; the empty text itself cannot be asked for.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .backends import default_backend
-from .bundle import Bundle, BundleError
+from .bundle import Bundle, BundleError, open_bundle, refiner_of
 from .image import ImageError, fit_image
 from .image import read_image as image_file
 from .random import make_rng
@@ -25,6 +31,11 @@ from .schedulers import SCHEDULER_NAMES, SCHEDULERS, Scheduler, from_config
 
 class GenerationError(Exception):
     """A request the bundle cannot serve (one-line message naming the fix)."""
+
+
+# diffusers' StableDiffusionXLImg2ImgPipeline defaults, the published refiner's training values.
+DEFAULT_AESTHETIC_SCORE, DEFAULT_NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
+DEFAULT_REFINER_START = 0.8  # diffusers' documented base/refiner split (denoising_end=0.8)
 
 
 @dataclass(frozen=True)
@@ -42,12 +53,36 @@ class Request:
     init_image: Image.Image | None  # already fitted to the bundle's image size
     strength: float | None  # img2img only
     rng: str
+    # SDXL (see check_request): the second encoder's texts ("": the first's), the micro-conditioning
+    # as (height, width) and (top, left) pixels, and the refiner's aesthetic scores.
+    prompt_2: str = ""
+    negative_prompt_2: str = ""
+    original_size: tuple[int, int] | None = None  # None: the image size
+    crop: tuple[int, int] = (0, 0)
+    aesthetic_score: float = DEFAULT_AESTHETIC_SCORE
+    negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
+    refiner: Bundle | None = None  # an SDXL refiner that finishes the base's generation
+    refiner_start: float | None = None  # the fraction of the schedule the base denoises (with a refiner)
 
     @property
     def guided(self) -> bool:
         """Classifier-free guidance on; as in diffusers, a scale <= 1 runs the text branch only
         (and the negative prompt is not used)."""
         return self.guidance_scale > 1.0
+
+    @property
+    def texts(self) -> tuple[str, str]:
+        """The prompt each text encoder reads, in the family's order (diffusers: ``prompt_2 or prompt``)."""
+        return self.prompt, self.prompt_2 or self.prompt
+
+    @property
+    def negative_texts(self) -> tuple[str, str]:
+        return self.negative_prompt, self.negative_prompt_2 or self.negative_prompt
+
+    @property
+    def negative_given(self) -> bool:
+        """A negative prompt was given (diffusers: ``negative_prompt is not None``)."""
+        return bool(self.negative_prompt or self.negative_prompt_2)
 
 
 def check_request(
@@ -64,10 +99,24 @@ def check_request(
     rng: str = "torch",
     height: int | None = None,
     width: int | None = None,
+    prompt_2: str = "",
+    negative_prompt_2: str = "",
+    original_size: tuple[int, int] | None = None,
+    crop: tuple[int, int] | None = None,
+    aesthetic_score: float | None = None,
+    negative_aesthetic_score: float | None = None,
+    refiner: Bundle | str | Path | None = None,
+    refiner_start: float | None = None,
 ) -> Request:
     """Validate a request against ``bundle`` without loading any model: raises ``GenerationError``
     (one line naming the fix) for anything the bundle cannot serve. Reads the init image (and
-    fits it to the bundle's size, see ``image.fit_image``); a missing seed becomes a random one."""
+    fits it to the bundle's size, see ``image.fit_image``); a missing seed becomes a random one.
+
+    SDXL only: ``prompt_2`` and ``negative_prompt_2`` for the base's second encoder (default: the
+    first's texts); ``original_size`` (height, width; default: the image size) and ``crop`` (top,
+    left; default (0, 0)) pixels of the micro-conditioning; ``refiner``, an SDXL refiner bundle
+    (or its path) that denoises the schedule from ``refiner_start`` (default 0.8) on, conditioned
+    on ``aesthetic_score`` and ``negative_aesthetic_score`` (default 6.0 and 2.5)."""
     if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
         raise GenerationError("the prompt and negative prompt must be text")
     for option, value in (("--width", width), ("--height", height)):
@@ -98,8 +147,13 @@ def check_request(
         raise GenerationError(str(exc)) from None
     sched = make_scheduler(bundle, scheduler)
     check_steps(sched, steps)
+    xl = _check_xl(bundle, prompt_2, negative_prompt_2, original_size, crop, aesthetic_score, negative_aesthetic_score,
+                   refiner, refiner_start)
     if init_image is None:
-        return Request(prompt, negative_prompt, steps, float(guidance_scale), scheduler, seed, num_images, None, None, rng)
+        request = Request(prompt, negative_prompt, steps, float(guidance_scale), scheduler, seed, num_images, None, None,
+                          rng, **xl)
+        check_handoff(request, bundle)
+        return request
     if not bundle.has("VAEEncoder"):
         raise GenerationError(
             f"{bundle.path}: image-to-image needs a VAEEncoder; re-convert with --components including vae-encoder"
@@ -113,8 +167,112 @@ def check_request(
     image = read_image(init_image) if isinstance(init_image, (str, Path)) else init_image
     if not isinstance(image, Image.Image):
         raise GenerationError(f"init_image must be a PIL image or a path, got {type(image).__name__}")
-    return Request(prompt, negative_prompt, steps, float(guidance_scale), scheduler, seed, num_images,
-                   fit_image(image, bundle.image_size), float(strength), rng)
+    request = Request(prompt, negative_prompt, steps, float(guidance_scale), scheduler, seed, num_images,
+                      fit_image(image, bundle.image_size), float(strength), rng, **xl)
+    check_handoff(request, bundle)
+    return request
+
+
+def _check_xl(bundle: Bundle, prompt_2, negative_prompt_2, original_size, crop, aesthetic_score, negative_aesthetic_score,
+              refiner, refiner_start) -> dict:
+    """The SDXL fields of a request, checked: each option is refused (one line) where the bundle
+    and refiner have nothing that reads it."""
+    family = bundle.spec
+    if not isinstance(prompt_2, str) or not isinstance(negative_prompt_2, str):
+        raise GenerationError("the second prompt and second negative prompt must be text")
+    given = [name for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2),
+                                      ("original_size", original_size), ("crop", crop), ("refiner", refiner),
+                                      ("refiner_start", refiner_start), ("aesthetic_score", aesthetic_score),
+                                      ("negative_aesthetic_score", negative_aesthetic_score))
+             if value is not None and not (isinstance(value, str) and value == "")]
+    if family.time_ids == 0:
+        if given:
+            raise GenerationError(f"{_option(given[0])} is an SDXL option; this bundle is {family.label}")
+        return {}
+    if (prompt_2 or negative_prompt_2) and len(family.conditioning.encoders) < 2:
+        which = "--prompt-2" if prompt_2 else "--negative-prompt-2"
+        raise GenerationError(f"{which} is read by the second text encoder of an SDXL base; this {family.label} bundle "
+                              "has one encoder, which reads the prompt")
+    fields: dict = {"prompt_2": prompt_2, "negative_prompt_2": negative_prompt_2}
+    if original_size is not None:
+        fields["original_size"] = _pixels(original_size, "original size", "(height, width)", 1)
+    if crop is not None:
+        fields["crop"] = _pixels(crop, "crop", "(top, left)", 0)
+    if refiner is not None:
+        fields["refiner"] = _check_refiner(bundle, refiner)
+        start = DEFAULT_REFINER_START if refiner_start is None else refiner_start
+        if not _number(start) or not 0.0 < start < 1.0:
+            raise GenerationError(f"--refiner-start must be a fraction of the schedule between 0 and 1 (exclusive), "
+                                  f"got {start!r}")
+        fields["refiner_start"] = float(start)
+    elif refiner_start is not None:
+        raise GenerationError("--refiner-start says where the refiner takes over; add --refiner")
+    aesthetic = family.conditioning.time_ids == "aesthetic" or refiner is not None
+    for name, value in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)):
+        if value is None:
+            continue
+        if not aesthetic:
+            raise GenerationError(f"{_option(name)} conditions the SDXL refiner; add --refiner")
+        if not _number(value):
+            raise GenerationError(f"{_option(name)} must be a finite number, got {value!r}")
+        fields[name] = float(value)
+    return fields
+
+
+def _option(name: str) -> str:
+    """An API option as the CLI spells it (the messages serve both)."""
+    return "--" + name.replace("_", "-")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pixels(value, what: str, order: str, least: int) -> tuple[int, int]:
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_whole(v) and v >= least for v in value)):
+        raise GenerationError(f"the {what} must be two whole numbers of pixels >= {least}, {order}, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _check_refiner(bundle: Bundle, refiner: Bundle | str | Path) -> Bundle:
+    """The refiner bundle, opened if given by path, checked against the base ``bundle``."""
+    if bundle.spec.conditioning.time_ids != "size":
+        raise GenerationError(f"a refiner finishes an SDXL base's generation; this bundle is {bundle.spec.label}")
+    opened = refiner if isinstance(refiner, Bundle) else open_bundle(refiner) if isinstance(refiner, (str, Path)) else None
+    if opened is None:
+        raise GenerationError(f"the refiner must be a bundle or its path, got {type(refiner).__name__}")
+    found = refiner_of(opened)
+    if found is None:
+        raise GenerationError(f"{opened.path} is not an SDXL refiner ({opened.spec.label}); pass a bundle converted "
+                              "from an SDXL refiner, such as stabilityai/stable-diffusion-xl-refiner-1.0")
+    if found.latent_size != bundle.latent_size:
+        (h, w), (rh, rw) = bundle.image_size, found.image_size
+        raise GenerationError(f"the refiner was converted for {rw}x{rh} images, the base for {w}x{h}; "
+                              "re-convert one of them with --width/--height to match")
+    return found
+
+
+def handoff_cutoff(sched: Scheduler, start: float) -> int:
+    """The timestep where the refiner takes over, as diffusers' ``denoising_end`` and
+    ``denoising_start`` compute it: the base denoises the timesteps >= it, the refiner those below."""
+    big = sched.num_train_timesteps
+    return int(round(big - start * big))
+
+
+def check_handoff(request: Request, bundle: Bundle) -> None:
+    """A refiner hand-off must leave the base and the refiner a step each."""
+    if request.refiner is None:
+        return
+    base, refiner = make_scheduler(bundle, request.scheduler), make_scheduler(request.refiner, request.scheduler)
+    base.set_timesteps(request.steps)
+    start = 0 if request.strength is None else base.img2img_start(request.strength)
+    check_steps(refiner, request.steps)
+    cutoff = handoff_cutoff(base, request.refiner_start)
+    counts = {"base": int((base.timesteps[start:] >= cutoff).sum()), "refiner": int((refiner.timesteps < cutoff).sum())}
+    for who, count in counts.items():
+        if count == 0:
+            raise GenerationError(f"--refiner-start {request.refiner_start:g} of {request.steps} steps leaves the {who} no "
+                                  f"step; raise --steps or move --refiner-start toward {'1' if who == 'base' else '0'}")
 
 
 def _whole(value) -> bool:
