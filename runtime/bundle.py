@@ -52,6 +52,7 @@ class ModelFiles:
 
     packages: list[Path] = field(default_factory=list)
     compiled: list[Path] = field(default_factory=list)
+    precision: str | None = None  # "float16" | "float32" as the manifest records it; None: not recorded
 
 
 @dataclass
@@ -147,6 +148,8 @@ def _open_ours(root: Path, verify: bool) -> Bundle:
                          "a path inside the bundle", required=False)
             if rel:
                 into.append(root / rel)
+        files_of.precision = _field(root, manifest, f"components.{name}.precision", lambda v: v in (None, "float16", "float32"),
+                                    "float16 or float32", required=False)
         models[name] = files_of
     try:
         scheduler = json.loads((root / SCHEDULER_CONFIG).read_text())

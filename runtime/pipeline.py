@@ -159,8 +159,18 @@ class Pipeline:
         check_setup(self.bundle, self.backend, self.precision, names=[name])  # an optional model (VAEEncoder) included
         # compiled models load without a compile step
         paths = (files.compiled or files.packages) if self.backend == "coreml" else files.packages
-        models = [load_model(p, self.backend, self.compute_units, precision=self.precision) for p in paths]
+        units = self.compute_units_for(name)
+        models = [load_model(p, self.backend, units, precision=self.precision) for p in paths]
         return models[0] if len(models) == 1 else ChainedModel(models)
+
+    def compute_units_for(self, name: str) -> str:
+        """The compute units model ``name`` loads on: the pipeline's, except that a model converted
+        in float32 (an SDXL VAE that overflows float16) asks for the GPU instead of the Neural
+        Engine, which computes in float16 only and would leave it to the CPU; Apple's Swift
+        pipeline does the same for SDXL's VAE (StableDiffusionXL+Resources.swift lines 95-97)."""
+        if self.compute_units == "CPU_AND_NE" and self.bundle.models[name].precision == "float32":
+            return "CPU_AND_GPU"
+        return self.compute_units
 
     # ------------------------------------------------------------------ the API
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import coremltools as ct
 import numpy as np
@@ -29,6 +30,8 @@ from coreml_sd.benchmarks.metrics import psnr
 from coreml_sd.cli import main
 from coreml_sd.convert.probe import probe_inputs
 from coreml_sd.runtime.backends import load_model
+from coreml_sd.runtime.bundle import open_bundle
+from coreml_sd.runtime.pipeline import Pipeline
 from coreml_sd.testing.tiny_pipelines import TINY_SDXL_POOLED_DIM, tiny_vae
 from helpers import one_line_error
 
@@ -225,6 +228,11 @@ def test_vae_that_overflows_float16_is_converted_in_float32(tiny_sdxl_dir, tmp_p
         in_half = vae.half().decode(torch.from_numpy(feeds["z"]).half()).sample.float().numpy()
     assert not np.isfinite(in_half).all()  # diffusers' own float16 decode overflows too: it is the VAE
     assert np.isfinite(got).all() and psnr(got, want) > 90  # float32 throughout
+    # On a Mac the runtime loads it on the GPU, not the Neural Engine (float16 only).
+    bundle = open_bundle(out)
+    assert bundle.models["VAEDecoder"].precision == "float32"
+    for asked, used in (("CPU_AND_NE", "CPU_AND_GPU"), ("ALL", "ALL"), ("CPU_ONLY", "CPU_ONLY")):
+        assert Pipeline.compute_units_for(SimpleNamespace(compute_units=asked, bundle=bundle), "VAEDecoder") == used
 
 
 def test_vae_that_fits_float16_stays_float16(tiny_sdxl_dir, tmp_path):
@@ -234,6 +242,8 @@ def test_vae_that_fits_float16_stays_float16(tiny_sdxl_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "float16 probe done" in result.stderr and "in float32" not in result.stderr
     assert json.loads((out / "manifest.json").read_text())["components"]["VAEDecoder"]["precision"] == "float16"
+    fine = SimpleNamespace(compute_units="CPU_AND_NE", bundle=open_bundle(out))
+    assert Pipeline.compute_units_for(fine, "VAEDecoder") == "CPU_AND_NE"
 
 
 # -- --vae ---------------------------------------------------------------------------------------
