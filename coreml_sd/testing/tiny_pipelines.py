@@ -129,13 +129,14 @@ TINY_SDXL_TIME_EMBED_DIM = 8
 SDXL_TIME_IDS = {False: 6, True: 5}  # base: original size, crop, target size; refiner: aesthetic score for the target
 
 
-def tiny_sdxl_unet_config(refiner: bool = False, sample_size: int = 16) -> dict[str, Any]:
+def tiny_sdxl_unet_config(refiner: bool = False, sample_size: int = 16, layers_per_block: int = 2) -> dict[str, Any]:
     """``UNet2DConditionModel`` config shaped like SDXL base (or refiner) at a tiny size.
 
     Kept from SDXL: the "text_time" addition embedding (``text_embeds`` plus sinusoidal features of
     each time id; 6 ids for the base, 5 for the refiner), a first level without attention, a list
     ``attention_head_dim`` (a head width of 16 everywhere here), linear projections, two layers per
-    block. The base has three levels with transformer depths [1, 1, 2], so the deepest is deeper, as
+    block (``layers_per_block``: the pipelines' UNets have one, which halves their conversion and
+    run time in tests; the module tests keep two). The base has three levels with transformer depths [1, 1, 2], so the deepest is deeper, as
     SDXL's [1, 2, 10] are, and the up path must reverse them; its cross-attention width (64) is
     wider than the pooled embedding (32), as SDXL's concatenated two encoders (2048) are wider than
     the second encoder's pooled output (1280). The refiner, like SDXL's, has four levels of which
@@ -155,7 +156,7 @@ def tiny_sdxl_unet_config(refiner: bool = False, sample_size: int = 16) -> dict[
         "flip_sin_to_cos": True,
         "freq_shift": 0,
         "in_channels": 4,
-        "layers_per_block": 2,
+        "layers_per_block": layers_per_block,
         "mid_block_scale_factor": 1,
         "mid_block_type": "UNetMidBlock2DCrossAttn",
         "norm_eps": 1e-05,
@@ -310,11 +311,11 @@ def tiny_unet(family: str = "sd1", sample_size: int = 8, seed: int = 0):
     return init_weights(unet, seed, "unet").eval()
 
 
-def tiny_sdxl_unet(refiner: bool = False, sample_size: int = 16, seed: int = 0):
+def tiny_sdxl_unet(refiner: bool = False, sample_size: int = 16, seed: int = 0, layers_per_block: int = 2):
     """A deterministically initialised tiny SDXL-shaped ``UNet2DConditionModel`` in eval mode."""
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_config(tiny_sdxl_unet_config(refiner, sample_size))
+    unet = UNet2DConditionModel.from_config(tiny_sdxl_unet_config(refiner, sample_size, layers_per_block))
     return init_weights(unet, seed, "unet_refiner" if refiner else "unet").eval()
 
 
@@ -430,7 +431,8 @@ def build_tiny_sdxl_pipeline(out_dir: str | Path, refiner: bool = False, seed: i
     scheduler config. The refiner has the second encoder and its tokenizer only."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tiny_sdxl_unet(refiner, sample_size, seed).save_pretrained(out_dir / "unet", safe_serialization=True)
+    unet = tiny_sdxl_unet(refiner, sample_size, seed, layers_per_block=1)  # see tiny_sdxl_unet_config
+    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
     vae = tiny_vae("sd1", sample_size, seed)
     vae.register_to_config(scaling_factor=SDXL_VAE_SCALING_FACTOR)
     vae.save_pretrained(out_dir / "vae", safe_serialization=True)
