@@ -18,9 +18,20 @@ from typing import Any
 import torch
 
 from ..families import ComponentSpec
-from ..models import AttentionImpl, load_text_encoder, load_unet, load_vae_decoder, load_vae_encoder
+from ..models import AttentionImpl
 from ..models.clip import CLIPTextConfig
-from ..models.model_io import load_text_encoder_with_projection
+from ..models.model_io import (
+    Mapping,
+    load_weights,
+    map_clip_weights,
+    map_unet_weights,
+    map_vae_decoder_weights,
+    map_vae_encoder_weights,
+    text_encoder_module,
+    unet_module,
+    vae_decoder_module,
+    vae_encoder_module,
+)
 from ..models.unet import UNetConfig
 from ..models.vae import VAEConfig
 from .source import Source
@@ -44,7 +55,7 @@ def source_config(source: Source, part: str, missing_ok: bool = False) -> dict[s
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty} | file_config
 
 
-Build = Callable[[torch.nn.Module, AttentionImpl, int], torch.nn.Module]  # (source module, attention, query_chunk)
+Module = Callable[[dict[str, Any], AttentionImpl, int], torch.nn.Module]  # (source config, attention, query_chunk)
 
 
 @dataclass(frozen=True)
@@ -54,7 +65,8 @@ class Builder:
     # The module config built from ``source_config`` (a ValueError names what is unsupported):
     # cheap, so every requested component's architecture is checked before any conversion.
     architecture: Callable[[dict[str, Any]], Any]
-    build: Build
+    module: Module  # the module without weights (meta device), from ``source_config``
+    mapping: Mapping  # the source's state dict -> the module's (``models.model_io``)
 
 
 def _projected(config: dict[str, Any]) -> CLIPTextConfig:
@@ -66,15 +78,30 @@ def _projected(config: dict[str, Any]) -> CLIPTextConfig:
 
 # By ``ComponentSpec.module``. SDXL's encoders condition on their penultimate layer (-2).
 BUILDERS: dict[str, Builder] = {
-    "text-encoder": Builder(CLIPTextConfig.from_transformers, lambda m, a, q: load_text_encoder(m, a)),
-    "text-encoder-penultimate": Builder(CLIPTextConfig.from_transformers, lambda m, a, q: load_text_encoder(m, a, -2)),
-    "text-encoder-projection-penultimate": Builder(_projected, lambda m, a, q: load_text_encoder_with_projection(m, a, -2)),
-    "unet": Builder(UNetConfig.from_diffusers, load_unet),
-    "vae-decoder": Builder(VAEConfig.from_diffusers, load_vae_decoder),
-    "vae-encoder": Builder(VAEConfig.from_diffusers, load_vae_encoder),
+    "text-encoder": Builder(CLIPTextConfig.from_transformers, lambda c, a, q: text_encoder_module(c, a), map_clip_weights),
+    "text-encoder-penultimate": Builder(
+        CLIPTextConfig.from_transformers, lambda c, a, q: text_encoder_module(c, a, -2), map_clip_weights
+    ),
+    "text-encoder-projection-penultimate": Builder(
+        _projected, lambda c, a, q: text_encoder_module(c, a, -2, projection=True), map_clip_weights
+    ),
+    "unet": Builder(UNetConfig.from_diffusers, unet_module, map_unet_weights),
+    "vae-decoder": Builder(VAEConfig.from_diffusers, vae_decoder_module, map_vae_decoder_weights),
+    "vae-encoder": Builder(VAEConfig.from_diffusers, vae_encoder_module, map_vae_encoder_weights),
 }
 
 
-def build_module(source: Source, spec: ComponentSpec, attention: AttentionImpl, query_chunk: int) -> torch.nn.Module:
-    """The Neural-Engine-shaped module of ``spec``, holding the source's weights (float32)."""
-    return BUILDERS[spec.module].build(source.load(spec.source_part), attention, query_chunk)
+def empty_module(spec: ComponentSpec, config: dict[str, Any], attention: AttentionImpl, query_chunk: int) -> torch.nn.Module:
+    """The Neural-Engine-shaped module of ``spec`` without weights (on the meta device), from its
+    source part's ``config`` (``source_config``)."""
+    return BUILDERS[spec.module].module(config, attention, query_chunk)
+
+
+def build_module(
+    source: Source, spec: ComponentSpec, attention: AttentionImpl, query_chunk: int, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """The Neural-Engine-shaped module of ``spec``, holding the source's weights in ``dtype``
+    (loaded in it: a float16 module never holds a float32 copy)."""
+    weights = source.load(spec.source_part, dtype)
+    module = empty_module(spec, source_config(source, spec.source_part), attention, query_chunk)
+    return load_weights(module, weights.state_dict(), BUILDERS[spec.module].mapping, dtype)

@@ -3,8 +3,9 @@
 Order of work: open and validate everything that can be checked cheaply (source, family, the
 requested components' architectures, sizes, output path, the presence and headers of their
 weight files) before any expensive step; then per component: reuse it if already converted, else
-load -> trace -> convert -> save -> compile, freeing the torch modules before the next component
-so peak memory stays near the largest single one.
+trace -> convert (with stand-in weights) -> load -> place the weights -> save -> compile, freeing
+each stage's copy before the next, so that peak memory stays near one float16 copy of the
+largest component's weights.
 """
 
 from __future__ import annotations
@@ -19,14 +20,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import __version__
 from ..contract import MERGES, SCHEDULER_CONFIG, VOCAB
 from ..families import COMPONENT_NAMES, ComponentSpec, EncoderWidths, Family, Geometry, family
 from ..models import AttentionImpl
 from ..system import peak_rss_bytes, tool_versions
 from .bundle import BundleWriter, check_output, recipe_hash
-from .components import BUILDERS, build_module, source_config
-from .export import can_compile, compile_package, to_coreml, trace
+from .components import BUILDERS, build_module, empty_module, source_config
+from .export import (
+    can_compile,
+    compile_package,
+    finish,
+    place_weights,
+    return_freed_memory,
+    stand_in_weights,
+    take_slots,
+    to_program,
+    trace,
+)
 from .probe import FLOAT16_PROBES, float16_failure
 from .source import Source
 from .support import SUPPORTED
@@ -259,19 +272,33 @@ def _recipe(p: Plan, spec: ComponentSpec, inputs) -> str:
 
 def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, precision: str, writer: BundleWriter,
            progress: Progress) -> None:
-    """Load -> trace -> convert -> save ``spec``'s package to ``destination`` in ``precision``,
-    freeing each stage's copy before the next."""
-    with progress.stage(spec.cli_name, "load"):
-        try:
-            module = build_module(p.source, spec, p.attention, p.query_chunk)
-        except ValueError as exc:  # the weights do not fit our module (models.model_io)
-            raise ConvertError(
-                f"{p.source.id}: its {spec.source_part} does not map onto coreml-sd's {spec.name}: {exc}"
-            ) from None
+    """Trace -> convert (with stand-in weights) -> load -> place -> save ``spec``'s package to
+    ``destination`` in ``precision``, freeing each stage's copy before the next.
+
+    Weights last (see export): the module is traced and converted with stand-ins for its weights,
+    which are loaded in the program's precision only then, so that the model is in memory once
+    (SDXL's UNet: 5 GB rather than 10 GB of float32 weights plus their copies)."""
+    return_freed_memory()
     with progress.stage(spec.cli_name, "trace"):
+        module = empty_module(spec, p.configs[spec.source_part], p.attention, p.query_chunk)
+        stand_ins = stand_in_weights(module)
         traced = trace(module, inputs)
     with writer.temporaries():  # coremltools' temporary package: inside staging, removed after
         with progress.stage(spec.cli_name, "convert" if precision == "float16" else f"convert ({precision})"):
+            program = to_program(traced, inputs, outputs, spec.float32_features, precision)
+            del module, traced
+            gc.collect()
+            slots = take_slots(program, stand_ins)
+        with progress.stage(spec.cli_name, "load"):
+            try:
+                module = build_module(p.source, spec, p.attention, p.query_chunk, getattr(torch, precision))
+            except ValueError as exc:  # the weights do not fit our module (models.model_io)
+                raise ConvertError(
+                    f"{p.source.id}: its {spec.source_part} does not map onto coreml-sd's {spec.name}: {exc}"
+                ) from None
+        with progress.stage(spec.cli_name, "place"):
+            place_weights(slots, module.state_dict())
+            del module  # the program shares the tensors it holds
             metadata = {
                 "coreml-sd.version": __version__,
                 "coreml-sd.component": spec.name,
@@ -279,9 +306,8 @@ def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, pre
                 "coreml-sd.attention": p.attention.value,
                 "coreml-sd.precision": precision,
             }
-            description = f"{spec.description} ({p.source.id})"
-            mlmodel = to_coreml(traced, inputs, outputs, metadata, description, spec.float32_features, precision)
-        del module, traced
+            mlmodel = finish(program, inputs, outputs, metadata, f"{spec.description} ({p.source.id})")
+        del program, slots
         gc.collect()
         with progress.stage(spec.cli_name, "save"):
             # Straight into place: until record() lists it, the next run's writer deletes it, so an
@@ -292,8 +318,9 @@ def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, pre
 
 
 def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progress: Progress) -> None:
-    """Reuse ``spec``'s component when its recipe is unchanged, else load -> trace -> convert ->
-    save -> compile it into ``writer``'s staging folder, freeing each stage's copy before the next."""
+    """Reuse ``spec``'s component when its recipe is unchanged, else build it into ``writer``'s
+    staging folder (``_build``), check a VAE model's float16 output (``probe``; converted again in
+    float32 when it overflows), then compile it."""
     inputs, outputs = spec.io(p.geometry)
     recipe = _recipe(p, spec, inputs)
     reused = writer.reuse(spec.name, recipe)

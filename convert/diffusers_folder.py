@@ -8,8 +8,9 @@ weights, which happens when they are first checked or loaded. Every hub failure 
 :class:`~coreml_sd.convert.support.SourceError` line naming the fix.
 
 ``check_weights`` makes sure a part's weight files are there and readable (safetensors headers)
-without loading them. ``load`` reads one part through diffusers / transformers, in float32, and
-requires the weights to fit the config exactly. Pickled weights (``.bin``) need ``allow_pickle``.
+without loading them. ``load`` reads one part through diffusers / transformers, in float32 unless
+told otherwise, and requires the weights to fit the config exactly. Pickled weights (``.bin``)
+need ``allow_pickle``.
 
 Also here, for the single-file reader: the small file helpers both kinds of source use.
 """
@@ -83,6 +84,38 @@ def safetensors_shapes(path: Path) -> dict[str, torch.Size]:
             return {k: torch.Size(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:
         raise SourceError(f"cannot read {path} as safetensors ({type(e).__name__}): re-download it") from None
+
+
+# Bytes read through one opening of a safetensors file by ``read_safetensors``.
+_READ_GROUP_BYTES = 512 * 2**20
+
+
+def read_safetensors(paths: Iterable[Path], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``.safetensors`` files ``paths``, floating-point ones in ``dtype``.
+
+    safetensors maps a whole file into memory, and the pages read stay resident, counted as this
+    process's memory, until the file is closed: diffusers, which keeps a UNet's file open through
+    its load, peaks at 14.7 GiB reading SDXL's 10 GB of float32 weights for a 4.8 GB float16
+    copy. Opened anew for every ~512 MiB read here, the file adds at most that to the copy.
+    """
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in paths:
+        groups: list[list[str]] = [[]]
+        size = 0
+        for key, shape in safetensors_shapes(path).items():
+            size += 4 * shape.numel()  # bytes of float32: about, for grouping
+            if size > _READ_GROUP_BYTES and groups[-1]:
+                groups.append([])
+                size = 4 * shape.numel()
+            groups[-1].append(key)
+        for group in groups:
+            with safe_open(path, framework="pt") as f:
+                for key in group:
+                    tensor = f.get_tensor(key)
+                    tensors[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return tensors
 
 
 def file_identities(paths: Iterable[Path]) -> Iterator[str]:
@@ -286,13 +319,17 @@ class DiffusersFolder:
             if fmt == "safetensors":
                 safetensors_shapes(path)  # the header: a truncated file fails here, not after other work
 
-    def load(self, component: str) -> torch.nn.Module:
-        """One component through diffusers / transformers, refused unless it fits its config exactly."""
+    def load(self, component: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """One component through diffusers / transformers, in ``dtype``, refused unless it fits its
+        config exactly."""
         self.config(component)  # a missing component fails here, with the clearest message
         safetensors = self._weights(component) == "safetensors"
         try:
             with _quiet_loading():  # their warnings would repeat, in many lines, what is raised below
-                model, info = self._from_pretrained(component, safetensors)
+                if component == "unet" and safetensors and dtype != torch.float32:
+                    model, info = self._unet_in(dtype)
+                else:
+                    model, info = self._from_pretrained(component, safetensors, dtype)
         except (MemoryError, SourceError):
             raise
         except Exception as e:  # diffusers / transformers: size mismatches, damaged files, ...
@@ -313,7 +350,30 @@ class DiffusersFolder:
             )
         return model
 
-    def _from_pretrained(self, component: str, safetensors: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def _unet_in(self, dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """The UNet in ``dtype`` and its loading report, as ``_from_pretrained`` gives them, with one
+        copy of the weights in memory: most of a pipeline's weights are the UNet's, published in
+        float32 (SDXL's: 10 GB), and diffusers' float16 load holds the file's pages besides the copy
+        (``read_safetensors``). The other parts load through their libraries, whose overhead is a
+        few hundred MB (and diffusers renames an old VAE's attention weights on the way)."""
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            model = UNet2DConditionModel.from_config(self.config("unet"))
+        state = read_safetensors(_weight_files(self.root / "unet", _STEMS["safetensors"]["unet"], "safetensors"), dtype)
+        expected = model.state_dict()
+        info = {
+            "missing_keys": sorted(expected.keys() - state.keys()),
+            "unexpected_keys": sorted(state.keys() - expected.keys()),
+            "mismatched_keys": sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape),
+        }
+        if not any(info.values()):
+            model.load_state_dict(state, strict=True, assign=True)
+        return model, info
+
+    def _from_pretrained(
+        self, component: str, safetensors: bool, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.nn.Module, dict[str, Any]]:
         """The diffusers / transformers module and its loading report (missing keys, ...)."""
         if component.startswith("text_encoder"):
             from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -322,7 +382,7 @@ class DiffusersFolder:
             cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
             return cls.from_pretrained(
                 self.root / component,
-                dtype=torch.float32,
+                dtype=dtype,
                 use_safetensors=safetensors,
                 local_files_only=True,
                 output_loading_info=True,
@@ -335,7 +395,7 @@ class DiffusersFolder:
         return cls.from_pretrained(
             self.root,
             subfolder=component,
-            torch_dtype=torch.float32,
+            torch_dtype=dtype,
             use_safetensors=safetensors,
             # diffusers defaults to True, then warns on every load that accelerate is missing.
             low_cpu_mem_usage=is_accelerate_available(),

@@ -7,13 +7,30 @@ Float32 (float16 outputs crash its ``MLShapedArray<Float32>`` conversion on macO
 float32 timestep keeps the UNet's accuracy at high timesteps, where Apple's converter declares
 the UNet's and VAE's inputs float16. With float32 inputs, coremltools' float16 pass puts a cast
 to float16 right after each input, so the program's compute and weights are float16 all the same.
+
+Weights come last (``coreml-sd convert``). Converted as a whole (``to_coreml``), a model is in
+memory as its float32 weights plus their float16 copies (SDXL's UNet: 10 + 5 GB), after a trace
+that touched every page of them. The converter instead traces and converts the module with
+stand-in weights that cost no memory (``stand_in_weights``: a value of each parameter's own,
+broadcast to its shape), finds each stand-in among the program's constants by its value and
+empties them (``take_slots``), and only then loads the real weights, in the program's precision,
+and puts them in their place (``place_weights``). coremltools' passes that compute a new weight
+from one (a convolution absorbing the scale after it: q and k's dh**-0.25) would turn stand-ins
+into values no longer found: they are left out of the first conversion and run on the real
+weights (``finish``), in the program's precision. In float16 that rounds the scale first (2**-12
+relative) and the product once more than the float32 product rounded once: within float16's own
+error of the weights (``tests/convert/test_memory_path.py``).
 """
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +40,22 @@ from ..families import TensorSpec
 from ..system import import_coremltools
 
 _DTYPES = {"float16": np.float16, "float32": np.float32}
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
+
+
+def return_freed_memory() -> None:
+    """Have this process give freed blocks of 128 KiB and more back to the system at once (glibc;
+    a process-wide setting).
+
+    glibc maps such blocks itself at first, but raises that threshold to the size of each one
+    freed (up to 32 MiB): tensors then come from its heap, where the small allocations between
+    them keep freed pages from being returned. Tracing SDXL's UNet at 1024x1024 grew the process
+    by 9.5 GiB of freed activations that way; with the threshold fixed, by 1 GiB. macOS's
+    allocator returns large blocks by itself.
+    """
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
 class CompileError(Exception):
@@ -75,6 +108,24 @@ def float32_features_of(input_names: tuple[str, ...]):
     return lambda op: not in_cone(op)  # True: compute in float16
 
 
+def _convert(traced, inputs, outputs, float32_features, precision, **options):
+    ct = import_coremltools()  # without its Linux import noise
+
+    if precision not in ("float16", "float32"):
+        raise ValueError(f"precision {precision!r}: use float16 or float32")
+    compute = ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32
+    if float32_features and precision == "float16":
+        compute = ct.transform.FP16ComputePrecision(op_selector=float32_features_of(float32_features))
+    return ct.convert(
+        traced,
+        inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=_DTYPES[s.dtype]) for s in inputs],
+        outputs=[ct.TensorType(name=s.name, dtype=_DTYPES[s.dtype]) for s in outputs],
+        compute_precision=compute,
+        minimum_deployment_target=ct.target.macOS13,
+        **options,
+    )
+
+
 def to_coreml(
     traced: torch.jit.ScriptModule,
     inputs: list[TensorSpec],
@@ -84,27 +135,160 @@ def to_coreml(
     float32_features: tuple[str, ...] = (),
     precision: str = "float16",
 ):
-    """Convert a traced module to an ML program; returns a ``coremltools.models.MLModel``.
+    """Convert a traced module, weights and all, to an ML program; returns a
+    ``coremltools.models.MLModel``.
 
     ``precision``: "float16" (what the Neural Engine runs) or "float32" (CPU/GPU only).
     ``float32_features``: inputs whose element-wise features stay float32 in a float16 program
     (see ``float32_features_of``)."""
-    ct = import_coremltools()  # without its Linux import noise
+    # skip_model_load: loading needs macOS; compilation (below) checks the model there.
+    model = _convert(traced, inputs, outputs, float32_features, precision, convert_to="mlprogram", skip_model_load=True)
+    return _describe(model, inputs, outputs, metadata, description)
 
-    if precision not in ("float16", "float32"):
-        raise ValueError(f"precision {precision!r}: use float16 or float32")
-    compute = ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32
-    if float32_features and precision == "float16":
-        compute = ct.transform.FP16ComputePrecision(op_selector=float32_features_of(float32_features))
-    model = ct.convert(
-        traced,
-        convert_to="mlprogram",
-        inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=_DTYPES[s.dtype]) for s in inputs],
-        outputs=[ct.TensorType(name=s.name, dtype=_DTYPES[s.dtype]) for s in outputs],
-        compute_precision=compute,
-        minimum_deployment_target=ct.target.macOS13,
-        skip_model_load=True,  # loading needs macOS; compilation (below) checks the model there
+
+# -- weights last ------------------------------------------------------------------------------
+
+# The passes of coremltools' default pipeline that compute a weight from one (a convolution or
+# linear layer absorbing the scale, bias or batch norm after it).
+WEIGHT_PASSES = (
+    "common::fuse_matmul_weight_bias",
+    "common::fuse_linear_bias",
+    "common::fuse_conv_scale",
+    "common::fuse_conv_bias",
+    "common::fuse_conv_batchnorm",
+)
+
+# Stand-in values: float16 numbers from 2**-12 up to just below 1, one per parameter. Exact in
+# float16 and float32, so the program's float16 cast keeps them; distinct, so coremltools merges
+# none as duplicates; never 0 or 1, which it would remove as identities (x + 0, x * 1).
+_STAND_INS = np.arange(0x0C00, 0x3C00, dtype=np.uint16).view(np.float16)
+
+
+@dataclass(frozen=True)
+class StandIns:
+    """The stand-in value and the shape of each parameter of a module, by name."""
+
+    values: dict[str, float]
+    shapes: dict[str, torch.Size]
+
+
+def stand_in_weights(module: torch.nn.Module) -> StandIns:
+    """Give every parameter of ``module`` (built on the meta device) a stand-in that costs no
+    memory: a value of its own, broadcast to the parameter's shape."""
+    shapes = {name: p.shape for name, p in module.named_parameters()}
+    if len(shapes) > len(_STAND_INS):
+        raise ValueError(f"{len(shapes)} parameters: stand-in values exist for {len(_STAND_INS)}")
+    values = dict(zip(shapes, _STAND_INS.astype(float).tolist()))
+    module.load_state_dict({n: torch.tensor(v).expand(shapes[n]) for n, v in values.items()}, strict=True, assign=True)
+    return StandIns(values, shapes)
+
+
+def to_program(
+    traced: torch.jit.ScriptModule,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    float32_features: tuple[str, ...] = (),
+    precision: str = "float16",
+):
+    """Convert a module traced with stand-in weights to an ML program (coremltools' ``Program``),
+    as ``to_coreml`` would but for ``WEIGHT_PASSES``, which ``finish`` applies."""
+    ct = import_coremltools()
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes(WEIGHT_PASSES)
+    return _convert(traced, inputs, outputs, float32_features, precision, convert_to="milinternal", pass_pipeline=pipeline)
+
+
+def _constants(program) -> Iterator:
+    def walk(block):
+        for op in list(block.operations):
+            if op.op_type == "const":
+                yield op
+            for inner in op.blocks:
+                yield from walk(inner)
+
+    for function in program.functions.values():
+        yield from walk(function)
+
+
+def _replace_constant(op, value: np.ndarray):
+    """A constant holding ``value`` in place of the constant ``op``, which is removed."""
+    import_coremltools()
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
+
+    block = op.enclosing_block
+    # In a pass's scope, coremltools gives the new constant the old one's scopes (its origin in
+    # the torch module), as a program must carry.
+    with block, mb.scope(ScopeInfo(source=ScopeSource.COREMLTOOLS_GRAPH_PASS, data=["place_weights"])):
+        var = mb.const(val=value, name=op.name, before_op=op)
+        block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=var)
+    block.remove_ops([op])
+    return var.op
+
+
+def _squeezed(shape) -> tuple[int, ...]:
+    return tuple(d for d in shape if d != 1)
+
+
+Slots = dict[str, list]  # the constants of a program to hold each parameter's weight, by name
+
+
+def take_slots(program, stand_ins: StandIns) -> Slots:
+    """The constants of ``program`` that hold a parameter's stand-in whole (in any shape with the
+    same non-1 dimensions), by parameter name; their values become placeholders that cost no
+    memory (the program's stand-ins take as much as the real weights will). Raises ``ValueError``
+    for a parameter found nowhere: a pass changed its stand-in."""
+    names = {value: name for name, value in stand_ins.values.items()}
+    slots: Slots = {}
+    for op in _constants(program):
+        value = op.outputs[0].val
+        if not (isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size):
+            continue
+        name = names.get(float(value.flat[0]))
+        if name is None or value.size != stand_ins.shapes[name].numel() or not (value == value.flat[0]).all():
+            continue
+        if _squeezed(value.shape) != _squeezed(stand_ins.shapes[name]):
+            raise ValueError(f"{name} {tuple(stand_ins.shapes[name])} became a {value.shape} constant: a pass reordered it")
+        placeholder = np.broadcast_to(np.zeros((), value.dtype), value.shape)
+        slots.setdefault(name, []).append(_replace_constant(op, placeholder))
+    if missing := [name for name in stand_ins.values if name not in slots]:
+        raise ValueError(f"no constant of the program holds {missing[0]} ({len(missing)} weights) as it was: a pass changed it")
+    return slots
+
+
+def place_weights(slots: Slots, weights: Mapping[str, torch.Tensor]) -> None:
+    """Put each parameter's weight (``weights``: a state dict of the module traced) into its slots,
+    sharing the tensor's memory where its dtype is the program's."""
+    for name, ops in slots.items():
+        tensor = weights[name].detach()
+        for op in ops:
+            slot = op.outputs[0].val
+            if tensor.numel() != slot.size:
+                raise ValueError(f"{name}: {tuple(tensor.shape)} for a constant of {slot.shape}")
+            _replace_constant(op, tensor.to(_TORCH_DTYPES[slot.dtype]).contiguous().numpy().reshape(slot.shape))
+
+
+def finish(program, inputs: list[TensorSpec], outputs: list[TensorSpec], metadata: dict[str, str], description: str):
+    """The program of ``to_program``, its weights placed, as an ML program package
+    (``coremltools.models.MLModel``, as ``to_coreml`` returns): ``WEIGHT_PASSES`` first."""
+    ct = import_coremltools()
+    pipeline = ct.PassPipeline(
+        [p for p in ct.PassPipeline.DEFAULT.passes if p in WEIGHT_PASSES]
+        + ["common::const_elimination", "common::dead_code_elimination"],
+        "weights",
     )
+    model = ct.convert(
+        program,
+        convert_to="mlprogram",
+        pass_pipeline=pipeline,
+        compute_precision=ct.precision.FLOAT32,  # no casts to add: the program is in its precision
+        minimum_deployment_target=ct.target.macOS13,
+        skip_model_load=True,
+    )
+    return _describe(model, inputs, outputs, metadata, description)
+
+
+def _describe(model, inputs: list[TensorSpec], outputs: list[TensorSpec], metadata: dict[str, str], description: str):
     model.short_description = description
     model.author = "coreml-sd"
     for spec in inputs:

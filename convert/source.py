@@ -16,8 +16,9 @@ configs are small JSON files, and a single file's tensor names and shapes come f
 (and are checked against the configs on torch's meta device, without reading a tensor).
 ``check_weights`` makes sure a component's weight files are there and readable without loading
 them, so a converter can refuse a broken source before any work. ``load`` reads one component's
-weights only, in float32, and requires them to fit the config exactly (no tensor left at its
-random initial value), so a converter can free one component before loading the next.
+weights only, in float32 or the dtype asked for, and requires them to fit the config exactly (no
+tensor left at its random initial value), so a converter can free one component before loading
+the next.
 
 Every failure a user can fix raises :class:`SourceError`, one line naming the problem and the
 fix. Checkpoints of other families (inpainting, SD3, Flux, ...) are recognised and refused.
@@ -77,12 +78,14 @@ class Source:
             return self.vae.config()
         return self._files.config(part)
 
-    def load(self, part: str) -> torch.nn.Module:
-        """The weights of ``part`` in float32, eval mode: a ``diffusers.UNet2DConditionModel`` or
+    def load(self, part: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """The weights of ``part`` in ``dtype``, eval mode: a ``diffusers.UNet2DConditionModel`` or
         ``AutoencoderKL``, or a ``transformers.CLIPTextModel``."""
         if part == "vae" and self.vae is not None:
-            return self.vae.load()
-        return self._files.load(part).eval()
+            return self.vae.load().to(dtype)
+        if isinstance(self._files, DiffusersFolder):
+            return self._files.load(part, dtype).eval()
+        return self._files.load(part).to(dtype).eval()  # a single file's tensors are read in float32
 
     def scheduler_config(self) -> dict[str, Any]:
         return self._layout.scheduler_config()

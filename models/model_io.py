@@ -8,6 +8,11 @@ becomes the 4-D weight (out, in, 1, 1) of the 1x1 convolution that replaces the 
 Key sets and every shape are asserted; tensors are assigned, not copied, so the converted module
 shares memory with the source, and modules are constructed on the meta device so that no second
 set of (random) weights is ever allocated: peak memory stays at one copy of the model.
+
+The ``*_module`` functions build a module from its source's config alone, without weights: the
+``load_*`` functions fill it from a source module, and conversion traces it with stand-in weights
+before any are loaded (``convert.export.stand_in_weights``). ``dtype`` casts the weights where
+they differ from it (a source loaded in that dtype is shared, not copied).
 """
 
 from __future__ import annotations
@@ -81,8 +86,11 @@ map_vae_decoder_weights = _map_vae_half("decoder.", "post_quant_conv")
 map_vae_encoder_weights = _map_vae_half("encoder.", "quant_conv")
 
 
-def load_weights(module: nn.Module, source: dict[str, torch.Tensor], mapping: Mapping) -> nn.Module:
-    """Load ``source`` (a state dict) into ``module`` through ``mapping``; exact key sets, exact shapes."""
+def load_weights(
+    module: nn.Module, source: dict[str, torch.Tensor], mapping: Mapping, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Load ``source`` (a state dict) into ``module`` through ``mapping``; exact key sets, exact
+    shapes, weights in ``dtype``."""
     target = module.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     for key, value in source.items():
@@ -99,40 +107,71 @@ def load_weights(module: nn.Module, source: dict[str, torch.Tensor], mapping: Ma
             value = value[:, :, None, None]  # linear (out, in) -> 1x1 conv (out, in, 1, 1): a view
         if value.shape != want:
             raise ValueError(f"{key}: source shape {tuple(value.shape)} does not fit {tuple(want)}")
-        mapped[key] = value.float()
+        mapped[key] = value.to(dtype)
     module.load_state_dict(mapped, strict=True, assign=True)
-    # Buffers computed from the config (not in any checkpoint) are rebuilt on the CPU.
+    return with_constant_buffers(module).eval()
+
+
+def with_constant_buffers(module: nn.Module) -> nn.Module:
+    """``module`` with its buffers computed from the config (not in any checkpoint) rebuilt on
+    the CPU, where a meta-device construction left them without values."""
     for sub in module.modules():
         if hasattr(sub, "constant_buffers"):
             for name, value in sub.constant_buffers().items():
                 sub.register_buffer(name, value, persistent=False)
-    return module.eval()
+    return module
 
 
 def _on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     """Build a module without allocating its parameters (they are assigned from the source)."""
     with torch.device("meta"):
-        return factory()
+        module = factory()
+    return with_constant_buffers(module)
 
 
-def load_unet(source: nn.Module, attention: AttentionImpl | str, query_chunk: int = 512) -> UNet:
+def unet_module(config: dict, attention: AttentionImpl | str, query_chunk: int = 512) -> UNet:
+    """A ``UNet`` without weights, from a diffusers ``UNet2DConditionModel`` config."""
+    return _on_meta(lambda: UNet(UNetConfig.from_diffusers(config), attention, query_chunk))
+
+
+def text_encoder_module(
+    config: dict, attention: AttentionImpl | str, hidden_layer: int | None = None, projection: bool = False
+) -> CLIPTextEncoder:
+    """A ``CLIPTextEncoder`` without weights, from a transformers ``CLIPTextConfig`` dict;
+    ``projection``: with the config's ``projection_dim`` (``CLIPTextModelWithProjection``)."""
+    cfg = CLIPTextConfig.from_transformers(config)
+    projection_dim = config["projection_dim"] if projection else None
+    return _on_meta(lambda: CLIPTextEncoder(cfg, attention, hidden_layer, projection_dim=projection_dim))
+
+
+def vae_decoder_module(config: dict, attention: AttentionImpl | str, query_chunk: int = 512) -> VAEDecoder:
+    """A ``VAEDecoder`` without weights, from a diffusers ``AutoencoderKL`` config."""
+    return _on_meta(lambda: VAEDecoder(VAEConfig.from_diffusers(config), attention, query_chunk))
+
+
+def vae_encoder_module(config: dict, attention: AttentionImpl | str, query_chunk: int = 512) -> VAEEncoder:
+    """A ``VAEEncoder`` without weights, from a diffusers ``AutoencoderKL`` config."""
+    return _on_meta(lambda: VAEEncoder(VAEConfig.from_diffusers(config), attention, query_chunk))
+
+
+def load_unet(
+    source: nn.Module, attention: AttentionImpl | str, query_chunk: int = 512, dtype: torch.dtype = torch.float32
+) -> UNet:
     """A ``UNet`` from a diffusers ``UNet2DConditionModel`` (sharing its weights)."""
-    model = _on_meta(lambda: UNet(UNetConfig.from_diffusers(dict(source.config)), attention, query_chunk))
-    return load_weights(model, source.state_dict(), map_unet_weights)
+    return load_weights(unet_module(dict(source.config), attention, query_chunk), source.state_dict(), map_unet_weights, dtype)
 
 
 def load_text_encoder(
-    source: nn.Module, attention: AttentionImpl | str, hidden_layer: int | None = None
+    source: nn.Module, attention: AttentionImpl | str, hidden_layer: int | None = None, dtype: torch.dtype = torch.float32
 ) -> CLIPTextEncoder:
     """A ``CLIPTextEncoder`` from a transformers ``CLIPTextModel`` (sharing its weights);
     ``hidden_layer`` as in ``CLIPTextEncoder`` (SDXL's first encoder: -2)."""
-    cfg = CLIPTextConfig.from_transformers(source.config.to_dict())
-    model = _on_meta(lambda: CLIPTextEncoder(cfg, attention, hidden_layer))
-    return load_weights(model, source.state_dict(), map_clip_weights)
+    model = text_encoder_module(source.config.to_dict(), attention, hidden_layer)
+    return load_weights(model, source.state_dict(), map_clip_weights, dtype)
 
 
 def load_text_encoder_with_projection(
-    source: nn.Module, attention: AttentionImpl | str, hidden_layer: int | None = None
+    source: nn.Module, attention: AttentionImpl | str, hidden_layer: int | None = None, dtype: torch.dtype = torch.float32
 ) -> CLIPTextEncoder:
     """A ``CLIPTextEncoder`` whose pooled output is ``text_embeds``, from a transformers
     ``CLIPTextModelWithProjection`` (SDXL's second encoder, with ``hidden_layer=-2``).
@@ -142,18 +181,21 @@ def load_text_encoder_with_projection(
     files (unlike a 5.x ``CLIPTextModel``, whose own keys have lost it); ``map_clip_weights``
     takes either, and a plain ``CLIPTextModel`` is refused for lacking the projection.
     """
-    cfg = CLIPTextConfig.from_transformers(source.config.to_dict())
-    model = _on_meta(lambda: CLIPTextEncoder(cfg, attention, hidden_layer, projection_dim=source.config.projection_dim))
-    return load_weights(model, source.state_dict(), map_clip_weights)
+    model = text_encoder_module(source.config.to_dict(), attention, hidden_layer, projection=True)
+    return load_weights(model, source.state_dict(), map_clip_weights, dtype)
 
 
-def load_vae_decoder(source: nn.Module, attention: AttentionImpl | str, query_chunk: int = 512) -> VAEDecoder:
+def load_vae_decoder(
+    source: nn.Module, attention: AttentionImpl | str, query_chunk: int = 512, dtype: torch.dtype = torch.float32
+) -> VAEDecoder:
     """A ``VAEDecoder`` from a diffusers ``AutoencoderKL``."""
-    model = _on_meta(lambda: VAEDecoder(VAEConfig.from_diffusers(dict(source.config)), attention, query_chunk))
-    return load_weights(model, source.state_dict(), map_vae_decoder_weights)
+    model = vae_decoder_module(dict(source.config), attention, query_chunk)
+    return load_weights(model, source.state_dict(), map_vae_decoder_weights, dtype)
 
 
-def load_vae_encoder(source: nn.Module, attention: AttentionImpl | str, query_chunk: int = 512) -> VAEEncoder:
+def load_vae_encoder(
+    source: nn.Module, attention: AttentionImpl | str, query_chunk: int = 512, dtype: torch.dtype = torch.float32
+) -> VAEEncoder:
     """A ``VAEEncoder`` from a diffusers ``AutoencoderKL``."""
-    model = _on_meta(lambda: VAEEncoder(VAEConfig.from_diffusers(dict(source.config)), attention, query_chunk))
-    return load_weights(model, source.state_dict(), map_vae_encoder_weights)
+    model = vae_encoder_module(dict(source.config), attention, query_chunk)
+    return load_weights(model, source.state_dict(), map_vae_encoder_weights, dtype)

@@ -203,21 +203,21 @@ def test_interrupted_run_leaves_no_bundle_and_resumes(tiny_sd1_dir, tmp_path, mo
     from coreml_sd.convert import converter
 
     out = tmp_path / "b"
-    real = converter.to_coreml
+    real = converter.to_program
 
     def fail_on_decoder(traced, inputs, *args):
         if inputs[0].name == "z":
             raise KeyboardInterrupt
         return real(traced, inputs, *args)
 
-    monkeypatch.setattr(converter, "to_coreml", fail_on_decoder)
+    monkeypatch.setattr(converter, "to_program", fail_on_decoder)
     result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder")
     assert result.exit_code == 130
     assert f"interrupted: finished components are kept in {tmp_path / '.b.partial'}" in result.stderr
     assert not out.exists()  # no half bundle at the target
     assert (tmp_path / ".b.partial" / "TextEncoder.mlpackage").is_dir()
 
-    monkeypatch.setattr(converter, "to_coreml", real)
+    monkeypatch.setattr(converter, "to_program", real)
     result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder,vae-decoder")
     assert result.exit_code == 0, result.output
     assert "[text-encoder] unchanged: reused from the interrupted run" in result.stderr
@@ -396,14 +396,14 @@ def test_temporaries_stay_inside_staging(tiny_sd1_dir, tmp_path, monkeypatch):
     killed.mkdir(parents=True)
     (killed / "weight.bin").write_bytes(bytes(1000))
     packages = []
-    real = converter.to_coreml
+    real = converter.finish
 
     def spy(*args, **kwargs):
         model = real(*args, **kwargs)
         packages.append(Path(model.package_path))
         return model
 
-    monkeypatch.setattr(converter, "to_coreml", spy)
+    monkeypatch.setattr(converter, "finish", spy)
     out = tmp_path / "b"
     result = run(str(tiny_sd1_dir), "-o", str(out), "--components", "text-encoder")
     assert result.exit_code == 0, result.output
