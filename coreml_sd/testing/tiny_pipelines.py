@@ -137,7 +137,8 @@ def tiny_sdxl_unet_config(refiner: bool = False, sample_size: int = 16, layers_p
     ``attention_head_dim`` (a head width of 16 everywhere here), linear projections, two layers per
     block (``layers_per_block``: the pipelines' UNets have one, which halves their conversion and
     run time in tests; the module tests keep two). The base has three levels with transformer
-    depths [1, 1, 2], so the deepest is deeper, as SDXL's [1, 2, 10] are, and the up path must reverse them; its cross-attention width (64) is
+    depths [1, 1, 2], so the deepest is deeper, as SDXL's [1, 2, 10] are, and the up path must
+    reverse them; its cross-attention width (64) is
     wider than the pooled embedding (32), as SDXL's concatenated two encoders (2048) are wider than
     the second encoder's pooled output (1280). The refiner, like SDXL's, has four levels of which
     the last is without attention, one int depth and one text width (the second encoder only).
