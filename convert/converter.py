@@ -293,8 +293,8 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
         with progress.stage(spec.cli_name, "convert"):
             program = to_program(traced, inputs, outputs, spec.float32_features, precision)
             del module, traced
-            gc.collect()
             slots = take_slots(program, stand_ins)
+            gc.collect()
         with progress.stage(spec.cli_name, "load"):
             try:
                 module = build_module(p.source, spec, p.attention, p.query_chunk, getattr(torch, precision))
