@@ -287,8 +287,8 @@ def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, pre
         with progress.stage(spec.cli_name, "convert" if precision == "float16" else f"convert ({precision})"):
             program = to_program(traced, inputs, outputs, spec.float32_features, precision)
             del module, traced
-            gc.collect()
             slots = take_slots(program, stand_ins)
+            gc.collect()
         with progress.stage(spec.cli_name, "load"):
             try:
                 module = build_module(p.source, spec, p.attention, p.query_chunk, getattr(torch, precision))

@@ -210,20 +210,28 @@ def _constants(program) -> Iterator:
         yield from walk(function)
 
 
-def _replace_constant(op, value: np.ndarray):
-    """A constant holding ``value`` in place of the constant ``op``, which is removed."""
+def _replace_constants(replacements: list[tuple]) -> list:
+    """Constants holding the given values in place of the constants given, which are removed;
+    ``replacements``: (constant op, value) pairs. Returns the new constant ops, in order."""
     import_coremltools()
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 
-    block = op.enclosing_block
-    # In a pass's scope, coremltools gives the new constant the old one's scopes (its origin in
+    by_block: dict[int, tuple] = {}
+    for i, (op, value) in enumerate(replacements):
+        by_block.setdefault(id(op.enclosing_block), (op.enclosing_block, []))[1].append((i, op, value))
+    new = [None] * len(replacements)
+    # In a pass's scope, coremltools gives each new constant the old one's scopes (its origin in
     # the torch module), as a program must carry.
-    with block, mb.scope(ScopeInfo(source=ScopeSource.COREMLTOOLS_GRAPH_PASS, data=["place_weights"])):
-        var = mb.const(val=value, name=op.name, before_op=op)
-        block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=var)
-    block.remove_ops([op])
-    return var.op
+    with mb.scope(ScopeInfo(source=ScopeSource.COREMLTOOLS_GRAPH_PASS, data=["place_weights"])):
+        for block, items in by_block.values():
+            with block:  # once per block: entering and leaving one walks all of its ops
+                for i, op, value in items:
+                    var = mb.const(val=value, name=op.name, before_op=op)
+                    block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=var)
+                    new[i] = var.op
+            block.remove_ops([op for _, op, _ in items])  # at once: each call validates the block
+    return new
 
 
 def _squeezed(shape) -> tuple[int, ...]:
@@ -236,10 +244,11 @@ Slots = dict[str, list]  # the constants of a program to hold each parameter's w
 def take_slots(program, stand_ins: StandIns) -> Slots:
     """The constants of ``program`` that hold a parameter's stand-in whole (in any shape with the
     same non-1 dimensions), by parameter name; their values become placeholders that cost no
-    memory (the program's stand-ins take as much as the real weights will). Raises ``ValueError``
-    for a parameter found nowhere: a pass changed its stand-in."""
+    memory (the program's stand-ins take as much as the real weights will; coremltools' ops hold
+    one another in cycles: ``gc.collect()`` frees them). Raises ``ValueError`` for a parameter
+    found nowhere: a pass changed its stand-in."""
     names = {value: name for name, value in stand_ins.values.items()}
-    slots: Slots = {}
+    found = []  # (parameter, constant, placeholder)
     for op in _constants(program):
         value = op.outputs[0].val
         if not (isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.size):
@@ -249,23 +258,28 @@ def take_slots(program, stand_ins: StandIns) -> Slots:
             continue
         if _squeezed(value.shape) != _squeezed(stand_ins.shapes[name]):
             raise ValueError(f"{name} {tuple(stand_ins.shapes[name])} became a {value.shape} constant: a pass reordered it")
-        placeholder = np.broadcast_to(np.zeros((), value.dtype), value.shape)
-        slots.setdefault(name, []).append(_replace_constant(op, placeholder))
-    if missing := [name for name in stand_ins.values if name not in slots]:
+        found.append((name, op, np.broadcast_to(np.zeros((), value.dtype), value.shape)))
+    placed = {name for name, _, _ in found}
+    if missing := [name for name in stand_ins.values if name not in placed]:
         raise ValueError(f"no constant of the program holds {missing[0]} ({len(missing)} weights) as it was: a pass changed it")
+    slots: Slots = {}
+    for (name, _, _), placeholder in zip(found, _replace_constants([(op, value) for _, op, value in found])):
+        slots.setdefault(name, []).append(placeholder)
     return slots
 
 
 def place_weights(slots: Slots, weights: Mapping[str, torch.Tensor]) -> None:
     """Put each parameter's weight (``weights``: a state dict of the module traced) into its slots,
     sharing the tensor's memory where its dtype is the program's."""
+    replacements = []
     for name, ops in slots.items():
         tensor = weights[name].detach()
         for op in ops:
             slot = op.outputs[0].val
             if tensor.numel() != slot.size:
                 raise ValueError(f"{name}: {tuple(tensor.shape)} for a constant of {slot.shape}")
-            _replace_constant(op, tensor.to(_TORCH_DTYPES[slot.dtype]).contiguous().numpy().reshape(slot.shape))
+            replacements.append((op, tensor.to(_TORCH_DTYPES[slot.dtype]).contiguous().numpy().reshape(slot.shape)))
+    _replace_constants(replacements)
 
 
 def finish(program, inputs: list[TensorSpec], outputs: list[TensorSpec], metadata: dict[str, str], description: str):
