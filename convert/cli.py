@@ -18,7 +18,7 @@ from ..system import INSTALL_CONVERT_EXTRA
 
 _ATTENTION = ("original", "split-einsum", "split-einsum-v2")
 # What the `convert` extra of pyproject.toml installs, as imported (torch first: the others need it).
-CONVERT_EXTRA = ("torch", "safetensors", "transformers", "diffusers", "filelock")
+CONVERT_EXTRA = ("torch", "safetensors", "transformers", "diffusers", "filelock", "kmeans1d", "sklearn")
 
 
 def require_convert_extra(command: str) -> None:
@@ -56,6 +56,12 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--height", type=int, help="Image height in pixels (default: the model's native size).")
 @click.option("--width", type=int, help="Image width in pixels (default: the model's native size).")
 @click.option("--unet-batch-one", is_flag=True, help="UNet takes batch 1 (two calls per step with guidance; less memory).")
+@click.option("--compress", metavar="PRESET",
+              help="Compress the text encoders' and UNet's weights: palettize-8, palettize-6, palettize-4,"
+                   " palettize-4-grouped, int8, int4-blocked, or mixed-B (B bits on average, e.g. mixed-4.5).")
+@click.option("--compress-vae", is_flag=True, help="Compress the VAE too, with the same preset (it is the most sensitive).")
+@click.option("--deployment-target", metavar="TARGET",
+              help="Minimum OS: macOS13 (iOS16), macOS14 (iOS17) or macOS15 (iOS18) [default: the lowest the preset needs].")
 @click.option("--revision", help="Hub revision (branch, tag or commit) of SOURCE.")
 @click.option("--config", "config", help="Architecture of a single-file SOURCE: a diffusers folder, hub id, or built-in name"
               " (sd15, sd2-512, sd2-768-v, sdxl-base, sdxl-refiner); known architectures need none.")
@@ -64,8 +70,8 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (unchanged components are reused).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="Compile to .mlmodelc (default: on macOS).")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the libraries' own progress bars and messages.")
-def convert(source, out, attention, components, height, width, unet_batch_one, revision, config, vae, allow_pickle,
-            overwrite, compile_, verbose):
+def convert(source, out, attention, components, height, width, unet_batch_one, compress, compress_vae, deployment_target,
+            revision, config, vae, allow_pickle, overwrite, compile_, verbose):
     """Convert a Stable Diffusion checkpoint to a Core ML bundle.
 
     SOURCE is a model id on the Hugging Face hub, a local diffusers folder, or a single-file
@@ -90,6 +96,9 @@ def convert(source, out, attention, components, height, width, unet_batch_one, r
         unet_batch=1 if unet_batch_one else 2,
         compile=compile_,
         overwrite=overwrite,
+        compress=compress,
+        compress_vae=compress_vae,
+        deployment_target=deployment_target,
     )
     try:
         log(f"opening {source}")

@@ -29,7 +29,19 @@ from ..models import AttentionImpl
 from ..system import peak_rss_bytes, tool_versions
 from .bundle import BundleWriter, check_output, recipe_hash
 from .components import BUILDERS, build_module, empty_module, source_config
+from .compress import (
+    WEIGHT_THRESHOLD,
+    CompressError,
+    Preset,
+    compress_program,
+    deployment_target,
+    describe_target,
+    preset,
+    program_weight_bytes,
+    weight_bytes,
+)
 from .export import (
+    WeightNames,
     can_compile,
     compile_package,
     finish,
@@ -41,6 +53,7 @@ from .export import (
     trace,
 )
 from .probe import FLOAT16_PROBES, float16_failure
+from .sensitivity import SUFFIX, Sensitivity, analyse
 from .source import Source
 from .support import SUPPORTED
 
@@ -59,6 +72,9 @@ class ConvertOptions:
     compile: bool | None = None  # None: compile where Core ML exists (macOS)
     overwrite: bool = False
     query_chunk: int = 512
+    compress: str | None = None  # a preset of convert.compress; None: float16 weights
+    compress_vae: bool = False  # the VAE too (it is small and the most sensitive)
+    deployment_target: str | None = None  # None: the lowest the preset needs
 
 
 @dataclass
@@ -96,6 +112,14 @@ class Plan:
     overwrite: bool
     tokenizer: tuple[Path, Path, str]  # vocab.json, merges.txt, pad token
     tools: dict[str, str | None]
+    compression: Preset | None = None
+    compress_vae: bool = False
+    target: str = "macOS13"  # minimum deployment target of every package
+
+    def compression_of(self, spec: ComponentSpec) -> Preset | None:
+        """The preset ``spec``'s weights get: the text encoders and UNets take ``compression``,
+        the VAE only with ``compress_vae``."""
+        return self.compression if spec.source_part != "vae" or self.compress_vae else None
 
 
 def plan(source: Source, out: Path, opts: ConvertOptions = ConvertOptions()) -> Plan:
@@ -103,6 +127,7 @@ def plan(source: Source, out: Path, opts: ConvertOptions = ConvertOptions()) -> 
     configs, architectures, sizes, tokenizer, output path), and the weight files last (for a hub
     source that downloads them). Raises ``ConvertError``, ``SourceError`` or ``OutputError``."""
     attention = AttentionImpl.parse(opts.attention)
+    compression, target = _compression(opts)
     fam = family(source.family)
     names = [c.cli_name for c in fam.components]
     requested = names if opts.components is None else opts.components
@@ -123,7 +148,18 @@ def plan(source: Source, out: Path, opts: ConvertOptions = ConvertOptions()) -> 
     for part in dict.fromkeys(c.source_part for c in components):
         source.check_weights(part)
     return Plan(source, Path(out), fam, components, configs, geometry, attention, opts.query_chunk, do_compile,
-                opts.overwrite, tokenizer, tool_versions())
+                opts.overwrite, tokenizer, tool_versions(), compression, opts.compress_vae, target)
+
+
+def _compression(opts: ConvertOptions) -> tuple[Preset | None, str]:
+    """The compression preset and the deployment target, checked together."""
+    try:
+        chosen = None if opts.compress is None else preset(opts.compress)
+        if opts.compress_vae and chosen is None:
+            raise CompressError("--compress-vae compresses the VAE with the --compress preset: add --compress PRESET")
+        return chosen, deployment_target(chosen, opts.deployment_target)
+    except CompressError as exc:
+        raise ConvertError(str(exc)) from None
 
 
 def _configs(source: Source, fam: Family, components: tuple[ComponentSpec, ...]) -> dict[str, dict[str, Any]]:
@@ -266,26 +302,32 @@ def _recipe(p: Plan, spec: ComponentSpec, inputs) -> str:
             "inputs": [s.as_dict() | {"name": s.name} for s in inputs],
             "compiled": p.compile,
             "tools": p.tools,
+            "compression": (c := p.compression_of(spec)) and c.name,
+            "target": p.target,
         }
     )
 
 
 def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, precision: str, writer: BundleWriter,
-           progress: Progress) -> None:
-    """Trace -> convert (with stand-in weights) -> load -> place -> save ``spec``'s package to
-    ``destination`` in ``precision``, freeing each stage's copy before the next.
+           progress: Progress, bits: dict[str, int] | None = None) -> dict[str, Any]:
+    """Trace -> convert (with stand-in weights) -> load -> place -> compress -> save ``spec``'s
+    package to ``destination`` in ``precision``, freeing each stage's copy before the next; returns
+    the compression's manifest entry (None when uncompressed). ``bits``: a mixed preset's palette
+    bits per parameter.
 
-    Weights last (see export): the module is traced and converted with stand-ins for its weights,
-    which are loaded in the program's precision only then, so that the model is in memory once
-    (SDXL's UNet: 5 GB rather than 10 GB of float32 weights plus their copies)."""
+    Weights last (see export): the module is traced and converted with stand-in weights that cost no
+    memory, which are loaded in the program's precision only then, so that the model is in memory once
+    (SDXL's UNet: 5 GB rather than 10 GB of float32 weights plus their copies). Compression runs on
+    that program before it is written: no float16 package is written and read back."""
     return_freed_memory()
+    compression = p.compression_of(spec)
     with progress.stage(spec.cli_name, "trace"):
         module = empty_module(spec, p.configs[spec.source_part], p.attention, p.query_chunk)
         stand_ins = stand_in_weights(module)
         traced = trace(module, inputs)
     with writer.temporaries():  # coremltools' temporary package: inside staging, removed after
         with progress.stage(spec.cli_name, "convert" if precision == "float16" else f"convert ({precision})"):
-            program = to_program(traced, inputs, outputs, spec.float32_features, precision)
+            program = to_program(traced, inputs, outputs, spec.float32_features, precision, p.target)
             del module, traced
             slots = take_slots(program, stand_ins)
             gc.collect()
@@ -296,17 +338,29 @@ def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, pre
                 raise ConvertError(
                     f"{p.source.id}: its {spec.source_part} does not map onto coreml-sd's {spec.name}: {exc}"
                 ) from None
+        entry: dict[str, Any] = {}
         with progress.stage(spec.cli_name, "place"):
-            place_weights(slots, module.state_dict())
+            names = WeightNames(place_weights(slots, module.state_dict()))
             del module  # the program shares the tensors it holds
+
+            def compress(program) -> None:  # on the placed weights, their scales folded in (export.finish)
+                if compression is None:
+                    return
+                consts = _weight_consts(p, spec, program, names, bits)
+                entry.update(preset=compression.name, bytes_before=program_weight_bytes(program), deployment_target=p.target,
+                             bits=compression.bits if bits is None else _average(program, consts))
+                with progress.stage(spec.cli_name, f"compress ({compression.name})"):
+                    compress_program(program, compression, consts)
+
             metadata = {
                 "coreml-sd.version": __version__,
                 "coreml-sd.component": spec.name,
                 "coreml-sd.source": p.source.id,
                 "coreml-sd.attention": p.attention.value,
                 "coreml-sd.precision": precision,
+                **({"coreml-sd.compression": compression.name} if compression else {}),
             }
-            mlmodel = finish(program, inputs, outputs, metadata, f"{spec.description} ({p.source.id})")
+            mlmodel = finish(program, inputs, outputs, metadata, f"{spec.description} ({p.source.id})", compress, p.target)
         del program, slots
         gc.collect()
         with progress.stage(spec.cli_name, "save"):
@@ -315,6 +369,39 @@ def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, pre
             mlmodel.save(str(destination))
         del mlmodel
         gc.collect()
+    if not entry:
+        return None
+    entry["bytes_after"] = weight_bytes(destination)
+    return entry
+
+
+def _weight_consts(p: Plan, spec: ComponentSpec, program, names: WeightNames, bits: dict[str, int] | None) -> dict:
+    """The constants of ``program`` holding the model's weight tensors, by name, with a mixed preset's
+    palette bits for each (from ``bits``, per parameter; every analysed parameter must be found);
+    None for a fixed preset."""
+    consts, found = {}, set()
+    for function in program.functions.values():
+        for op in function.operations:
+            owner = names.of(op) if op.op_type == "const" else None
+            value = op.outputs[0].val
+            # Weights only (biases and norms stay float16), of more than WEIGHT_THRESHOLD elements.
+            if owner is None or getattr(value, "size", 0) <= WEIGHT_THRESHOLD or value.ndim < 2:
+                continue
+            if bits is None:
+                consts[op.name] = None
+            elif owner in bits:
+                consts[op.name] = bits[owner]
+                found.add(owner)
+    if bits is not None and (missing := [name for name in bits if name not in found]):
+        raise ConvertError(f"{spec.name}: {len(missing)} analysed weights (first {missing[0]}) are in no constant of its"
+                           f" program, so {p.compression.name} cannot set their bits; use a palettize-N preset")
+    return consts
+
+
+def _average(program, by_const: dict[str, int | None]) -> float:
+    """The average palette bits of a mixed preset over the weights it compresses."""
+    sizes = {op.name: op.outputs[0].val.size for f in program.functions.values() for op in f.operations if op.name in by_const}
+    return round(sum(by_const[n] * sizes[n] for n in sizes) / max(1, sum(sizes.values())), 3)
 
 
 def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progress: Progress) -> None:
@@ -330,7 +417,13 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
     t0 = time.perf_counter()
     package = f"{spec.name}.mlpackage"
     precision = "float16"
-    _build(p, spec, inputs, outputs, writer.staging / package, precision, writer, progress)
+    compression = p.compression_of(spec)
+    extra: list[str] = []
+    bits = None
+    if compression is not None and compression.mixed:
+        sensitivity, extra = _sensitivity(p, spec, writer, progress)
+        bits = sensitivity.allocate(compression.bits)
+    stats = _build(p, spec, inputs, outputs, writer.staging / package, precision, writer, progress, bits)
     if spec.name in FLOAT16_PROBES:
         with progress.stage(spec.cli_name, "float16 probe"):
             failure = float16_failure(writer.staging / package, spec.name, p.configs["vae"]["scaling_factor"])
@@ -339,7 +432,13 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
                          " (runs on the CPU and GPU, not the Neural Engine; --vae with a float16-safe VAE avoids it)")
             precision = "float32"
             shutil.rmtree(writer.staging / package)
-            _build(p, spec, inputs, outputs, writer.staging / package, precision, writer, progress)
+            stats = _build(p, spec, inputs, outputs, writer.staging / package, precision, writer, progress, bits)
+    if stats is not None:
+        if bits is not None:
+            stats.update(predicted_psnr_db=round(sensitivity.psnr(bits), 2), analysis=extra[0], layer_bits=bits)
+        ratio = stats["bytes_after"] / stats["bytes_before"]
+        progress.log(f"[{spec.cli_name}] {compression.name}: weights {stats['bytes_before'] / 2**20:.1f} MiB ->"
+                     f" {stats['bytes_after'] / 2**20:.1f} MiB ({ratio:.2f}x)")
     compiled = f"{spec.name}.mlmodelc" if p.compile else None
     if compiled:
         with progress.stage(spec.cli_name, "compile"):
@@ -348,14 +447,39 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
         "package": package,
         "compiled": compiled,
         "precision": precision,
-        "compression": None,
+        "compression": stats,
+        "deployment_target": p.target,
         "inputs": {s.name: s.as_dict() for s in inputs},
         "outputs": {s.name: s.as_dict() for s in outputs},
     }
-    writer.record(spec.name, entry, recipe, [package, *([compiled] if compiled else [])])
+    writer.record(spec.name, entry, recipe, [package, *([compiled] if compiled else []), *extra])
     progress.log(
         f"[{spec.cli_name}] converted in {time.perf_counter() - t0:.1f}s (peak memory so far {peak_rss_bytes() / 2**30:.1f} GiB)"
     )
+
+
+def _sensitivity(p: Plan, spec: ComponentSpec, writer: BundleWriter, progress: Progress) -> tuple[Sensitivity, list[str]]:
+    """``spec``'s per-layer sensitivity (``convert.sensitivity``): read from the staging folder or
+    the bundle being replaced when either holds it for these weights, else measured and written to
+    the staging folder. Returns it with the file's name, which the component then owns."""
+    name = f"{spec.name}{SUFFIX}"
+    key = recipe_hash({"source": p.source.fingerprint(spec.source_part), "component": spec.name,
+                       "coremltools": p.tools.get("coremltools"), "torch": p.tools.get("torch")})
+    for folder, where in ((writer.staging, "interrupted run"), (writer.out, "existing bundle")):
+        found = Sensitivity.read(folder / name, key)
+        if found is not None:
+            progress.log(f"[{spec.cli_name}] layer sensitivity: reused from the {where} ({found.probes} probes)")
+            if folder != writer.staging:
+                shutil.copyfile(folder / name, writer.staging / name)
+            return found, [name]
+    with progress.stage(spec.cli_name, "layer sensitivity (for mixed-bit palettes)"):
+        module = build_module(p.source, spec, p.attention, p.query_chunk, torch.float32)
+        found = analyse(module, spec, p.geometry, p.configs["vae"]["scaling_factor"], key,
+                        log=lambda line: progress.log(f"[{spec.cli_name}]   {line}"))
+        del module
+        gc.collect()
+    writer.write_text(name, found.to_json())
+    return found, [name]
 
 
 # ------------------------------------------------------------------ 3. the manifest
@@ -379,6 +503,7 @@ def write_manifest(p: Plan, writer: BundleWriter) -> Path:
         "attention": p.attention.value,
         "query_chunk": p.query_chunk,
         "unet_batch": g.unet_batch,
+        "deployment_target": p.target,
         "text_embedding_dim": g.text_dim,
         "tokenizer": {"pad_token": pad_token, "max_length": g.max_length},
         "vae": {"scaling_factor": p.configs["vae"]["scaling_factor"],
@@ -394,6 +519,11 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
     """Convert ``source`` into the bundle directory ``out``; returns its path."""
     progress = progress or Progress()
     p = plan(source, out, opts)
+    if p.compression is not None:
+        chosen = [spec.cli_name for spec in p.components if p.compression_of(spec)]
+        kept = "" if p.compress_vae else "; the VAE stays float16 (--compress-vae compresses it)"
+        progress.log(f"compressing {', '.join(chosen) or 'nothing requested'} as {p.compression.name}{kept};"
+                     f" minimum deployment target {describe_target(p.target)}")
     if p.family.time_ids and p.geometry.unet_batch == 1 and any(c.name == p.family.unet for c in p.components):
         # StableDiffusionXLPipeline.swift feeds a timestep of batch 2 (Unet.swift line 165).
         progress.log("note: Apple's Swift SDXL pipeline calls the UNet with batch 2 only; this batch-1 UNet runs in coreml-sd")

@@ -29,9 +29,10 @@ import platform
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ def float32_features_of(input_names: tuple[str, ...]):
     return lambda op: not in_cone(op)  # True: compute in float16
 
 
-def _convert(traced, inputs, outputs, float32_features, precision, **options):
+def _convert(traced, inputs, outputs, float32_features, precision, target="macOS13", **options):
     ct = import_coremltools()  # without its Linux import noise
 
     if precision not in ("float16", "float32"):
@@ -121,7 +122,7 @@ def _convert(traced, inputs, outputs, float32_features, precision, **options):
         inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=_DTYPES[s.dtype]) for s in inputs],
         outputs=[ct.TensorType(name=s.name, dtype=_DTYPES[s.dtype]) for s in outputs],
         compute_precision=compute,
-        minimum_deployment_target=ct.target.macOS13,
+        minimum_deployment_target=getattr(ct.target, target),
         **options,
     )
 
@@ -189,13 +190,17 @@ def to_program(
     outputs: list[TensorSpec],
     float32_features: tuple[str, ...] = (),
     precision: str = "float16",
+    target: str = "macOS13",
 ):
     """Convert a module traced with stand-in weights to an ML program (coremltools' ``Program``),
-    as ``to_coreml`` would but for ``WEIGHT_PASSES``, which ``finish`` applies."""
+    as ``to_coreml`` would but for ``WEIGHT_PASSES``, which ``finish`` applies. ``target``: the
+    minimum deployment target, as a ``coremltools.target`` name (a macOS 15 compression preset
+    needs the iOS 18 opset from the start)."""
     ct = import_coremltools()
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes(WEIGHT_PASSES)
-    return _convert(traced, inputs, outputs, float32_features, precision, convert_to="milinternal", pass_pipeline=pipeline)
+    return _convert(traced, inputs, outputs, float32_features, precision, target, convert_to="milinternal",
+                    pass_pipeline=pipeline)
 
 
 def _constants(program) -> Iterator:
@@ -268,10 +273,11 @@ def take_slots(program, stand_ins: StandIns) -> Slots:
     return slots
 
 
-def place_weights(slots: Slots, weights: Mapping[str, torch.Tensor]) -> None:
+def place_weights(slots: Slots, weights: Mapping[str, torch.Tensor]) -> Slots:
     """Put each parameter's weight (``weights``: a state dict of the module traced) into its slots,
-    sharing the tensor's memory where its dtype is the program's."""
-    replacements = []
+    sharing the tensor's memory where its dtype is the program's; returns the constants now holding
+    each parameter."""
+    replacements, names = [], []
     for name, ops in slots.items():
         tensor = weights[name].detach()
         for op in ops:
@@ -279,24 +285,69 @@ def place_weights(slots: Slots, weights: Mapping[str, torch.Tensor]) -> None:
             if tensor.numel() != slot.size:
                 raise ValueError(f"{name}: {tuple(tensor.shape)} for a constant of {slot.shape}")
             replacements.append((op, tensor.to(_TORCH_DTYPES[slot.dtype]).contiguous().numpy().reshape(slot.shape)))
-    _replace_constants(replacements)
+            names.append(name)
+    placed: Slots = {}
+    for name, op in zip(names, _replace_constants(replacements)):
+        placed.setdefault(name, []).append(op)
+    return placed
 
 
-def finish(program, inputs: list[TensorSpec], outputs: list[TensorSpec], metadata: dict[str, str], description: str):
+# Ops a weight pass folds into the weighted op before them, making a new constant.
+_FOLDED = ("mul", "real_div", "add", "sub", "batch_norm")
+
+
+class WeightNames:
+    """Which parameter each weight constant of a program holds, through the weight passes.
+
+    Taken before ``finish`` from the constants ``place_weights`` returned. A constant the passes
+    leave alone keeps its op; one they fold a scale or bias into is a new constant, feeding a new
+    weighted op that is named after the last op folded (coremltools names a pass's result after
+    the output it replaces): the names of the ops that may be folded are remembered here."""
+
+    def __init__(self, placed: Slots):
+        self._ops = {id(op): name for name, ops in placed.items() for op in ops}
+        self._outputs: dict[str, str] = {}
+        for name, ops in placed.items():
+            for op in ops:
+                for child in op.outputs[0].child_ops:
+                    var = child.outputs[0]
+                    self._outputs[var.name] = name
+                    while len(var.child_ops) == 1 and var.child_ops[0].op_type in _FOLDED:
+                        var = var.child_ops[0].outputs[0]
+                        self._outputs[var.name] = name
+
+    def of(self, op) -> str | None:
+        """The parameter the constant ``op`` holds, or None (a constant of the graph itself)."""
+        if id(op) in self._ops:
+            return self._ops[id(op)]
+        owners = {self._outputs.get(child.outputs[0].name) for child in op.outputs[0].child_ops}
+        return owners.pop() if len(owners) == 1 else None
+
+
+def run_weight_passes(program) -> None:
+    """``WEIGHT_PASSES`` on the placed weights, then the clean-up they need, in place."""
+    import_coremltools()
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    for name in (*WEIGHT_PASSES, "common::const_elimination", "common::dead_code_elimination"):
+        PASS_REGISTRY[name](program)
+
+
+def finish(program, inputs: list[TensorSpec], outputs: list[TensorSpec], metadata: dict[str, str], description: str,
+           compress: Callable[[Any], None] | None = None, target: str = "macOS13"):
     """The program of ``to_program``, its weights placed, as an ML program package
-    (``coremltools.models.MLModel``, as ``to_coreml`` returns): ``WEIGHT_PASSES`` first."""
+    (``coremltools.models.MLModel``, as ``to_coreml`` returns): ``WEIGHT_PASSES`` first, then
+    ``compress`` (a function compressing the program's weights in place), for ``target``."""
     ct = import_coremltools()
-    pipeline = ct.PassPipeline(
-        [p for p in ct.PassPipeline.DEFAULT.passes if p in WEIGHT_PASSES]
-        + ["common::const_elimination", "common::dead_code_elimination"],
-        "weights",
-    )
+    run_weight_passes(program)
+    if compress is not None:
+        compress(program)
     model = ct.convert(
         program,
         convert_to="mlprogram",
-        pass_pipeline=pipeline,
+        pass_pipeline=ct.PassPipeline.EMPTY,
         compute_precision=ct.precision.FLOAT32,  # no casts to add: the program is in its precision
-        minimum_deployment_target=ct.target.macOS13,
+        minimum_deployment_target=getattr(ct.target, target),
         skip_model_load=True,
     )
     return _describe(model, inputs, outputs, metadata, description)

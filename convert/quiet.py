@@ -23,6 +23,7 @@ from ..system import import_coremltools
 _COREMLTOOLS_BARS = (
     ("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
     ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+    ("coremltools.optimize.coreml._quantization_passes", "tqdm"),  # --compress
 )
 
 # What coremltools logs on every conversion of our modules, expected and harmless: the text

@@ -19,10 +19,13 @@ INSTALL_CONVERT_EXTRA = "pip install 'coreml-sd[convert]'"
 
 # What coremltools logs while it imports where it is expected, one pattern per line it prints:
 # off macOS its Core ML binding (libcoremlpython) does not exist, and the torch this project pins
-# is newer than the ones coremltools was tested with (conversion works, see DESIGN).
+# is newer than the ones coremltools was tested with (conversion works, see DESIGN), and so is
+# the scikit-learn that k-means palettization uses (coremltools' converter *from* scikit-learn
+# models, which we never use, is what it disables).
 _IMPORT_NOISE = re.compile(
     r"Failed to load _ML\w+Proxy: No module named 'coremltools\.libcoremlpython'"
     r"|Torch version \S+ has not been tested with coremltools\. .*"
+    r"|scikit-learn version \S+ is not supported\. .*Disabling scikit-learn conversion API\."
 )
 
 # The distributions whose versions a bundle or a benchmark record names.

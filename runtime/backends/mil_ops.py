@@ -167,8 +167,10 @@ def _select(cond, a, b):
     return torch.where(_t(cond).bool(), _f(a), _f(b))
 
 
+# uint16 is held as int32, as the executor stores it (mil._STORAGE): from the iOS 17 opset on,
+# coremltools casts gather indices to uint16 (the text encoder's end-of-text position).
 _CAST = {"fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float32, "int32": torch.int32, "int64": torch.int64,
-         "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+         "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "uint16": torch.int32, "bool": torch.bool}
 
 
 @kernel("cast")
