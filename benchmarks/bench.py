@@ -195,10 +195,16 @@ def _child(args: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
         return {"compute_units": args["compute_units"], "backend": args["backend"], "status": "failed", "error": reason}
 
 
+def _compression(entry: Any) -> str | None:
+    """A component's compression as a record holds it: the manifest's preset name (``convert
+    --compress``), or None for float16 weights."""
+    return entry.get("preset") if isinstance(entry, dict) else entry
+
+
 def bundle_info(bundle: Bundle) -> dict[str, Any]:
     manifest = bundle.manifest or {}
     components = {
-        name: {"precision": entry.get("precision"), "compression": entry.get("compression")}
+        name: {"precision": entry.get("precision"), "compression": _compression(entry.get("compression"))}
         for name, entry in manifest.get("components", {}).items()
     } or {name: {"precision": None, "compression": None} for name in bundle.models}
     digest = hashlib.sha256((bundle.path / "manifest.json").read_bytes()).hexdigest() if bundle.manifest else None

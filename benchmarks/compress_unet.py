@@ -1,11 +1,12 @@
-"""What each ``--compress`` preset costs and gives on SD 1.5's full-size UNet (random weights).
+"""What each ``--compress`` preset costs and gives on SD 1.5's or SDXL's full-size UNet (random weights).
 
-    python benchmarks/compress_unet.py [--workdir DIR] [--presets a,b] [--limit-gib 18]
+    python benchmarks/compress_unet.py [--model sd15|sdxl] [--workdir DIR] [--presets a,b] [--limit-gib 18]
 
 For each preset (and float16, the reference), ``coreml-sd convert FOLDER --components unet
 --compress PRESET`` runs in a process of its own (its peak resident memory is its own; a memory
 guard stops it past ``--limit-gib``), on the random-weight SD 1.5 folder of
-``configs.build_sd15_pipeline``. Recorded per preset:
+``configs.build_sd15_pipeline`` (SDXL: ``build_sdxl_pipeline``, by default only ``mixed-4.5`` and
+``palettize-4``). Recorded per preset:
 
 * time: the whole conversion, and its compression stage alone (for mixed-bit presets, also the
   layer-sensitivity analysis; the second mixed preset converts over the first one's bundle with
@@ -13,12 +14,13 @@ guard stops it past ``--limit-gib``), on the random-weight SD 1.5 folder of
 * peak resident memory of the conversion (``ru_maxrss`` and 0.2 s samples);
 * the weight file's size against float16's;
 * the UNet's output against the float16 package's, through the mil backend, as PSNR (dB): batch
-  2, 64x64 latents, timestep 500, Gaussian latents and text embeddings; for mixed presets, also
-  the PSNR the analysis predicted.
+  2 at the model's size (SD 1.5: 64x64 latents, SDXL: 128x128), timestep 500, Gaussian latents and
+  text embeddings (SDXL: time ids of a 1024x1024 image); for mixed presets, also the PSNR the
+  analysis predicted.
 
 Random weights are not trained weights: their distribution (Gaussian, no outliers) palettizes
 differently from a real model's, so these PSNRs say how the presets rank and what they cost, not
-what a trained model's images lose. Results: benchmarks/results/project/compress_unet.json.
+what a trained model's images lose. Results: benchmarks/results/project/compress_unet_{sd15,sdxl}.json.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ import numpy as np
 from coreml_sd.benchmarks.convert_sdxl import GIB, SAMPLE_SECONDS, _available_bytes, _folder, _rss_bytes, _total_bytes
 from coreml_sd.system import peak_rss_bytes, tool_versions
 
+MODELS = {
+    "sd15": ("SD 1.5 UNet (860 M parameters), random weights, split-einsum, 64x64 latents, batch 2", None),
+    "sdxl": ("SDXL base UNet (2.6 B parameters), random weights, split-einsum, 128x128 latents, batch 2",
+             "mixed-4.5,palettize-4"),
+}
 PRESETS = ("float16", "palettize-8", "palettize-6", "palettize-4", "int8", "int4-blocked", "mixed-4.5", "mixed-3.5",
            "palettize-4-grouped")
 TIMESTEP = 500.0
@@ -101,15 +108,19 @@ def unet_output(package: Path) -> np.ndarray:
     rng = np.random.default_rng(0)
     feeds = {name: rng.standard_normal(d.shape).astype(np.float32) for name, d in model.inputs.items()}
     feeds["timestep"] = np.full(model.inputs["timestep"].shape, TIMESTEP, np.float32)
+    if "time_ids" in feeds:  # SDXL: a 1024x1024 image, uncropped
+        feeds["time_ids"] = np.tile(np.array([1024, 1024, 0, 0, 1024, 1024], np.float32), (feeds["time_ids"].shape[0], 1))
     return model.predict(feeds)["noise_pred"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="keep the random-weight folder here (default: a temporary folder)")
-    parser.add_argument("--presets", default=",".join(PRESETS), help=f"comma-separated, from: {', '.join(PRESETS)}")
+    parser.add_argument("--model", choices=list(MODELS), default="sd15")
+    parser.add_argument("--presets",
+                        help=f"comma-separated, from: {', '.join(PRESETS)} [default: all; SDXL: {MODELS['sdxl'][1]}]")
     parser.add_argument("--limit-gib", type=float, default=18.0, help="stop a conversion whose resident memory passes this")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "project" / "compress_unet.json")
+    parser.add_argument("--json", type=Path, help="the results' file [default: results/project/compress_unet_MODEL.json]")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -120,7 +131,8 @@ def main() -> None:
     from coreml_sd.benchmarks.metrics import psnr
     from coreml_sd.convert.compress import weight_bytes
 
-    presets = args.presets.split(",")
+    presets = (args.presets or MODELS[args.model][1] or ",".join(PRESETS)).split(",")
+    args.json = args.json or Path(__file__).parent / "results" / "project" / f"compress_unet_{args.model}.json"
     if "float16" not in presets:
         presets.insert(0, "float16")
     if unknown := [p for p in presets if p not in PRESETS]:
@@ -129,7 +141,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        folder = _folder(work, "sd15")
+        folder = _folder(work, args.model)
         reference = None
         for preset in sorted(presets, key=lambda p: p != "float16"):
             # The mixed presets share one bundle: the second reuses the first one's analysis.
@@ -161,8 +173,8 @@ def main() -> None:
         "benchmark": "compress_unet",
         "command": shlex.join(["python", "benchmarks/compress_unet.py", *sys.argv[1:]]),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": "SD 1.5 UNet (860 M parameters), random weights, split-einsum, 64x64 latents, batch 2",
-        "psnr_input": f"batch 2, 64x64 Gaussian latents and text embeddings, timestep {TIMESTEP:g}, through the mil backend",
+        "model": MODELS[args.model][0],
+        "psnr_input": f"batch 2, Gaussian latents and text embeddings, timestep {TIMESTEP:g}, through the mil backend",
         "note": "random weights are not trained weights: their quantization error can differ from a real model's",
         "presets": records,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

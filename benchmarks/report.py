@@ -54,18 +54,22 @@ def system_label(machine: dict[str, Any], power: str | None) -> str:
     return ", ".join(parts)
 
 
-def weights_label(components: dict[str, dict]) -> str:
-    """Precision and compression of the weights: one label when every component agrees, else the
-    UNet's (it dominates the time) and the others'."""
-
-    def label(c: dict) -> str:
-        return " ".join(v for v in (c.get("precision") or "?", c.get("compression")) if v)
-
-    labels = {name: label(c) for name, c in components.items()}
+def _agreeing(labels: dict[str, str]) -> str:
+    """One label when every component agrees, else the UNet's (it dominates the time) and the others'."""
     if len(set(labels.values())) <= 1:
         return next(iter(labels.values()), "?")
     others = sorted({v for k, v in labels.items() if k != "Unet"})
     return f"Unet {labels.get('Unet', '?')}; others {', '.join(others)}"
+
+
+def weights_label(components: dict[str, dict]) -> str:
+    """Precision of the weights (float16, float32)."""
+    return _agreeing({name: c.get("precision") or "?" for name, c in components.items()})
+
+
+def compression_label(components: dict[str, dict]) -> str:
+    """Compression of the weights: a ``convert --compress`` preset, or none."""
+    return _agreeing({name: c.get("compression") or "none" for name, c in components.items()})
 
 
 def _power(record: dict) -> str | None:
@@ -85,6 +89,7 @@ def _row(path: Path, record: dict, result: dict) -> dict[str, Any]:
         "backend": result["backend"],
         "attention": bundle["attention"] or "?",
         "weights": weights_label(bundle["components"]),
+        "compression": compression_label(bundle["components"]),
         "model": bundle["model"],
         "size": f"{w}x{h}",
         "result": result,
@@ -105,7 +110,7 @@ def _thermal(result: dict) -> str:
 
 
 def _config(r: dict) -> str:
-    return f"{r['units']} · {r['backend']} · {r['attention']} · {r['weights']}"
+    return f"{r['units']} · {r['backend']} · {r['attention']} · {r['weights']} · {r['compression']}"
 
 
 def build_report(records: list[tuple[Path, dict]], invalid: list[str]) -> tuple[str, list[dict]]:
@@ -119,7 +124,8 @@ def build_report(records: list[tuple[Path, dict]], invalid: list[str]) -> tuple[
         "",
         f"{len(records)} record(s); {sum(r['result']['status'] == 'ok' for r in rows)} configuration(s) measured. "
         "Times are medians over the measured runs; ★ marks the fastest configuration (end to end) for each model and "
-        "image size on a chip. Weights: precision and compression of the bundle's models. Energy is joules per step "
+        "image size on a chip. Weights: precision of the bundle's models; compression: their --compress "
+        "preset. Energy is joules per step "
         "(CPU / GPU / Neural Engine) and thermal the pressure levels powermetrics reported during the runs, where it "
         "could run (sudo on macOS).",
         "",
@@ -135,9 +141,10 @@ def build_report(records: list[tuple[Path, dict]], invalid: list[str]) -> tuple[
         lines += [f"## {chip}", ""]
         if ok:
             lines += [
-                "| | compute units | backend | attention | weights | model | size | end-to-end s | it/s | "
+                "| | compute units | backend | attention | weights | compression | model | size | end-to-end s | "
+                "it/s | "
                 "UNet ms/step (IQR) | load cold / warm s | peak memory GB | energy J/step | thermal | system | record |",
-                "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|",
+                "|---|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|",
             ]
             for r in ok:
                 res = r["result"]
@@ -147,14 +154,15 @@ def build_report(records: list[tuple[Path, dict]], invalid: list[str]) -> tuple[
                 dagger = "†" if r["version"] == 1 else ""
                 old_cold = old_cold or bool(dagger)
                 lines.append(
-                    f"| {star} | {r['units']} | {r['backend']} | {r['attention']} | {r['weights']} | {r['model']} | "
+                    f"| {star} | {r['units']} | {r['backend']} | {r['attention']} | {r['weights']} | {r['compression']} | "
+                    f"{r['model']} | "
                     f"{r['size']} | {e2e} | {res['iterations_per_second']:.3g} | {unet['median']:.1f} ({unet['iqr']:.1f}) | "
                     f"{res['load_cold_s']:.1f}{dagger} / {res['load_warm_s']:.1f} | {res['peak_rss_bytes'] / 2**30:.1f} | "
                     f"{_energy(res.get('energy'))} | {_thermal(res)} | {r['system']} | {r['file']} |"
                 )
             lines.append("")
         for r in failed:
-            lines.append(f"- failed: {r['units']} ({r['backend']}, {r['model']} {r['size']}, {r['weights']}, "
+            lines.append(f"- failed: {r['units']} ({r['backend']}, {r['model']} {r['size']}, {r['weights']}, {r['compression']}, "
                          f"{r['system']}): {r['result']['error']}")
         if failed:
             lines.append("")

@@ -18,7 +18,7 @@ from ..system import INSTALL_CONVERT_EXTRA
 
 _ATTENTION = ("original", "split-einsum", "split-einsum-v2")
 # What the `convert` extra of pyproject.toml installs, as imported (torch first: the others need it).
-CONVERT_EXTRA = ("torch", "safetensors", "transformers", "diffusers", "filelock", "kmeans1d", "sklearn")
+CONVERT_EXTRA = ("torch", "safetensors", "transformers", "diffusers", "filelock", "sklearn")
 
 
 def require_convert_extra(command: str) -> None:

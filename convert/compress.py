@@ -19,9 +19,9 @@ float16 whatever their size (SDXL's feed-forward biases have 10,240 elements): t
 thousandths of the bytes, and an error in a bias shifts every output of its layer alike. Below
 2,048 weights a palette's own table and its blob's headers would eat much of the gain.
 
-k-means is coremltools': float16 tensors of 10,000 weights and more go to ``kmeans1d`` (optimal
-1-D k-means over the distinct float16 values, fast), the rest (smaller tensors, each group of a
-grouped palette) to scikit-learn; coremltools requires neither, so both are in the convert extra.
+k-means is coremltools': float16 tensors of 10,000 weights and more go to the ``kmeans1d`` it ships
+(optimal 1-D k-means over the distinct float16 values, fast), the rest (smaller tensors, each group
+of a grouped palette) to scikit-learn, which coremltools does not require: the convert extra does.
 """
 
 from __future__ import annotations

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 
 from ..families import ComponentSpec, Geometry
-from ..system import import_coremltools
 from .compress import MIXED_BITS, WEIGHT_THRESHOLD
 
 VERSION = 1
@@ -125,18 +124,24 @@ def analysed(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def error_tables(weight: torch.Tensor) -> torch.Tensor:
     """For each bit width of ``MIXED_BITS``, the error palettizing ``weight`` in float16 makes of
     each float16 value, indexed by the value's 16-bit pattern: (len(MIXED_BITS), 65536) float32.
-    The palette is coremltools' own (per tensor, k-means)."""
-    import_coremltools()
-    # The function coremltools' palettize pass calls for a per-tensor palette (coremltools 9.0, pinned).
-    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
 
-    w16 = weight.detach().to(torch.float16).reshape(-1).numpy()
-    codes = w16.view(np.uint16)
+    The palette is the one coremltools makes of a float16 tensor of 10,000 weights or more (and,
+    here, of smaller ones, which coremltools gives to scikit-learn's k-means instead):
+    ``kmeans1d`` over the distinct values weighted by their counts, centroids rounded to float16
+    (coremltools 9.0, ``quantization_utils._get_kmeans_lookup_table_and_weight``). Its function is
+    not called because it maps every weight back through its clusters, once per bit width: for SD
+    1.5's UNet that is most of an hour, where the distinct values (tens of thousands per tensor)
+    are all the analysis needs. The test checks the palettes against coremltools' pass."""
+    # coremltools' own copy of kmeans1d (the PyPI package has no weights); private, pinned 9.0.
+    from coremltools._deps import _kmeans1d as kmeans1d
+
+    values, counts = np.unique(weight.detach().to(torch.float16).reshape(-1).numpy(), return_counts=True)
+    codes = values.view(np.uint16)
     tables = np.zeros((len(MIXED_BITS), 1 << 16), np.float32)
     for i, b in enumerate(MIXED_BITS):
-        lut, indices = _get_kmeans_lookup_table_and_weight(b, w16, force_kmeans1d=True)
-        palettized = np.asarray(lut, np.float64).reshape(-1).astype(np.float16)[np.asarray(indices).reshape(-1)]
-        tables[i, codes] = palettized.astype(np.float32) - w16.astype(np.float32)
+        clusters, centroids = kmeans1d.cluster(values, min(len(values), 1 << b), weights=counts)
+        palettized = np.asarray(centroids, np.float64).astype(np.float16)[np.asarray(clusters)]
+        tables[i, codes] = palettized.astype(np.float32) - values.astype(np.float32)
     return torch.from_numpy(tables)
 
 

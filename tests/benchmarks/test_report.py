@@ -79,7 +79,7 @@ def test_report_groups_sorts_and_marks_the_fastest(linux, tmp_path):
                                             "error": "out of memory"}])
     # The same chip name with more memory, a newer macOS and a palettized UNet: same section, own rows.
     m2_big = mac_record(base, "Apple M2 Pro", [ok("CPU_AND_NE", 5.5, 3.9, 250)], memory_gb=64, os_version="15.1",
-                        unet_compression="palettize-6bit")
+                        unet_compression="palettize-6")
     m1 = mac_record(base, "Apple M1", [ok("CPU_AND_GPU", 14.0, 1.5, 650), ok("CPU_AND_NE", 16.0, 1.3, 700)], attention="original")
     files = [write(tmp_path, "m2.json", m2), write(tmp_path, "m2-64.json", m2_big), write(tmp_path, "m1.json", m1), linux,
              write(tmp_path, "garbage.json", "{nope"), write(tmp_path, "old.json", {**base, "schema_version": 0})]
@@ -94,16 +94,17 @@ def test_report_groups_sorts_and_marks_the_fastest(linux, tmp_path):
     assert headings == sorted({"Apple M1", "Apple M2 Pro", base["machine"]["chip"]}) + ["Files left out"]
     m2_section = next(s for s in sections if s.startswith("Apple M2 Pro\n"))
     rows = rows_of(m2_section)
-    order = [(r.split("|")[2].strip(), r.split("|")[5].strip()) for r in rows]
-    assert order == [("CPU_AND_NE", "Unet float16 palettize-6bit; others float16"), ("CPU_AND_NE", "float16"),
-                     ("ALL", "float16"), ("CPU_AND_GPU", "float16"), ("CPU_ONLY", "float16")]  # fastest first
+    order = [(r.split("|")[2].strip(), r.split("|")[5].strip(), r.split("|")[6].strip()) for r in rows]
+    assert order == [("CPU_AND_NE", "float16", "Unet palettize-6; others none"), ("CPU_AND_NE", "float16", "none"),
+                     ("ALL", "float16", "none"), ("CPU_AND_GPU", "float16", "none"),
+                     ("CPU_ONLY", "float16", "none")]  # fastest first
     assert sum(r.startswith("| ★") for r in rows) == 1
     assert rows[0].startswith("| ★ ") and "**5.50**" in rows[0] and "64 GB, macOS 15.1, AC" in rows[0]
     assert "0.50 / 0.10 / 1.20" in rows[1] and "Nominal → Moderate" in rows[1]
     assert "8P+4E CPU, 19-core GPU, 32 GB, macOS 14.5, AC" in rows[1]
     assert (
-        "- failed: CPU_AND_GPU (coreml, stable-diffusion-v1-5 512x512, float16, 8P+4E CPU, 19-core GPU, 32 GB, macOS 14.5, AC): "
-        "out of memory" in m2_section
+        "- failed: CPU_AND_GPU (coreml, stable-diffusion-v1-5 512x512, float16, none, 8P+4E CPU, 19-core GPU, 32 GB,"
+        " macOS 14.5, AC): out of memory" in m2_section
     )
     m1_section = next(s for s in sections if s.startswith("Apple M1\n"))
     m1_rows = rows_of(m1_section)

@@ -133,7 +133,8 @@ def test_mixed_bits_follow_the_analysis_and_reuse_it(tiny_bundle, tiny_sd1_dir, 
 
     lines = []
     reference = tiny_bundle("sd1", "split-einsum")
-    convert(open_source(str(tiny_sd1_dir)), bundle, ConvertOptions(components=COMPONENTS, compress="mixed-3.5", overwrite=True), Progress(log=lines.append))
+    options = ConvertOptions(components=COMPONENTS, compress="mixed-3.5", overwrite=True)
+    convert(open_source(str(tiny_sd1_dir)), bundle, options, Progress(log=lines.append))
     text = "\n".join(lines)
     assert "[unet] layer sensitivity: reused from the existing bundle" in text
     assert "[vae-decoder] unchanged: reused" in text
@@ -224,3 +225,16 @@ def test_explicit_newer_target_is_kept(tiny_sd1_dir, tmp_path):
     assert plan(open_source(str(tiny_sd1_dir)), tmp_path / "b", ConvertOptions()).target == "macOS13"
     with pytest.raises(ConvertError, match="needs macOS15"):
         plan(open_source(str(tiny_sd1_dir)), tmp_path / "b", ConvertOptions(compress="int4-blocked", deployment_target="macOS14"))
+
+
+def test_bench_and_report_show_the_preset(tiny_bundle):
+    """``bench`` records each model's preset from the manifest and ``report`` shows it in a column."""
+    from coreml_sd.benchmarks.bench import bundle_info
+    from coreml_sd.benchmarks.report import compression_label
+    from coreml_sd.runtime.bundle import open_bundle
+
+    components = bundle_info(open_bundle(tiny_bundle("sd1", "split-einsum", components=COMPONENTS,
+                                                     compress="palettize-4")))["components"]
+    assert components["Unet"] == {"precision": "float16", "compression": "palettize-4"}
+    assert components["VAEDecoder"]["compression"] is None
+    assert compression_label(components) == "Unet palettize-4; others none, palettize-4"
