@@ -136,6 +136,8 @@ def test_mixed_bits_follow_the_analysis_and_reuse_it(tiny_bundle, tiny_sd1_dir, 
     options = ConvertOptions(components=COMPONENTS, compress="mixed-3.5", overwrite=True)
     convert(open_source(str(tiny_sd1_dir)), bundle, options, Progress(log=lines.append))
     text = "\n".join(lines)
+    assert ("compressing text-encoder, unet as mixed-3.5; the VAE stays float16 (--compress-vae compresses it);"
+            " minimum deployment target macOS 13 / iOS 16") in text
     assert "[unet] layer sensitivity: reused from the existing bundle" in text
     assert "[vae-decoder] unchanged: reused" in text
     assert "[unet] compress (mixed-3.5)" in text
@@ -238,3 +240,52 @@ def test_bench_and_report_show_the_preset(tiny_bundle):
     assert components["Unet"] == {"precision": "float16", "compression": "palettize-4"}
     assert components["VAEDecoder"]["compression"] is None
     assert compression_label(components) == "Unet palettize-4; others none, palettize-4"
+
+
+def test_compress_vae_compresses_the_vae_too(tiny_bundle):
+    """``--compress-vae``: the VAE decoder takes the preset too, and still decodes within 8 bits' error."""
+    bundle = tiny_bundle("sd1", "split-einsum", components=("vae-decoder",), compress="palettize-8", compress_vae=True)
+    entry = read_manifest(bundle)["components"]["VAEDecoder"]["compression"]
+    assert entry["preset"] == "palettize-8" and entry["bytes_after"] < 0.75 * entry["bytes_before"]
+    ours = load_model(bundle / "VAEDecoder.mlpackage", "mil")
+    theirs = load_model(tiny_bundle("sd1", "split-einsum") / "VAEDecoder.mlpackage", "mil")
+    feeds = _feeds(theirs)
+    assert psnr(ours.predict(feeds)["image"], theirs.predict(feeds)["image"]) >= 40
+
+
+def test_sdxl_mixed_bits_through_mil(tiny_bundle):
+    """SDXL's UNet (``text_embeds``, ``time_ids``) and TextEncoder2 at mixed-4.5: analysed with
+    their own inputs, compressed, and run through mil against the float16 bundle."""
+    bundle = tiny_bundle("sdxl", "split-einsum", components=("text-encoder-2", "unet"), compress="mixed-4.5")
+    reference = tiny_bundle("sdxl", "split-einsum")
+    manifest = read_manifest(bundle)
+    for model, floor in (("TextEncoder2", 25), ("Unet", 25)):
+        entry = manifest["components"][model]["compression"]
+        assert entry["bits"] <= 4.5 and entry["layer_bits"]
+        ours, theirs = load_model(bundle / f"{model}.mlpackage", "mil"), load_model(reference / f"{model}.mlpackage", "mil")
+        feeds = _feeds(theirs)
+        if "time_ids" in feeds:
+            feeds["time_ids"] = np.tile(np.array([128, 128, 0, 0, 128, 128], np.float32), (feeds["time_ids"].shape[0], 1))
+        got, want = ours.predict(feeds), theirs.predict(feeds)
+        first = next(iter(want))
+        assert np.isfinite(got[first]).all() and psnr(got[first], want[first]) >= floor, (model, psnr(got[first], want[first]))
+
+
+@pytest.mark.macos
+@pytest.mark.parametrize("name", ["palettize-4", "int8", "mixed-4.5", "palettize-4-grouped", "int4-blocked"])
+def test_core_ml_runs_each_preset_as_mil_does(name, tiny_bundle):
+    """On a Mac, Core ML decompresses each preset's weights as the mil backend does: their outputs
+    agree within float16 compute (CPU_ONLY; macOS 15 presets need macOS 15)."""
+    import platform
+
+    _, target, *_ = PRESETS[name]
+    if target == "macOS15" and int(platform.mac_ver()[0].split(".")[0]) < 15:
+        pytest.skip(f"{name} needs macOS 15")
+    bundle = tiny_bundle("sd1", "split-einsum", components=COMPONENTS, compress=name)
+    for model in ("TextEncoder", "Unet"):
+        mil = load_model(bundle / f"{model}.mlpackage", "mil")
+        core = load_model(bundle / f"{model}.mlpackage", "coreml", compute_units="CPU_ONLY")
+        feeds = _feeds(mil)
+        a, b = core.predict(feeds), mil.predict(feeds)
+        for output in b:
+            assert psnr(a[output], b[output]) > 35, (model, output)
