@@ -12,6 +12,7 @@ import functools
 import importlib
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -23,8 +24,11 @@ from ..system import import_coremltools
 _COREMLTOOLS_BARS = (
     ("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
     ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
-    ("coremltools.optimize.coreml._quantization_passes", "tqdm"),  # --compress
 )
+# The compression passes' bar (--compress): a stage of minutes on a full-size UNet, so it becomes
+# a line of ours now and then instead (``_every``).
+_COMPRESSION_BAR = ("coremltools.optimize.coreml._quantization_passes", "tqdm")
+PROGRESS_SECONDS = 30
 
 # What coremltools logs on every conversion of our modules, expected and harmless: the text
 # encoder's two outputs are a tuple, and int64 constants (token ids, shapes) are stored as int32,
@@ -48,6 +52,17 @@ class _Forward(logging.Handler):
             self.log(f"warning from coremltools: {message}")
 
 
+def _every(iterable, *_, log: Callable[[str], None], desc: str = "", **__) -> Iterator:
+    """``iterable``, with a line through ``log`` every ``PROGRESS_SECONDS`` while it is walked."""
+    items = list(iterable)
+    shown = time.perf_counter()
+    for done, item in enumerate(items, 1):
+        yield item
+        if time.perf_counter() - shown > PROGRESS_SECONDS and done < len(items):
+            log(f"  compressing: {done} of {len(items)} large constants done")
+            shown = time.perf_counter()
+
+
 @contextmanager
 def library_output(verbose: bool, log: Callable[[str], None]) -> Iterator[None]:
     """Within the block, no progress bars from coremltools, transformers or diffusers, and of
@@ -66,6 +81,10 @@ def library_output(verbose: bool, log: Callable[[str], None]) -> Iterator[None]:
             module = importlib.import_module(module_name)
             restore.callback(setattr, module, attr, getattr(module, attr))
             setattr(module, attr, quiet_bar)
+
+        module = importlib.import_module(_COMPRESSION_BAR[0])
+        restore.callback(setattr, module, _COMPRESSION_BAR[1], getattr(module, _COMPRESSION_BAR[1]))
+        setattr(module, _COMPRESSION_BAR[1], functools.partial(_every, log=log))
 
         logger = logging.getLogger("coremltools")
         handler = _Forward(log)

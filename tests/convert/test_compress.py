@@ -289,3 +289,17 @@ def test_core_ml_runs_each_preset_as_mil_does(name, tiny_bundle):
         a, b = core.predict(feeds), mil.predict(feeds)
         for output in b:
             assert psnr(a[output], b[output]) > 35, (model, output)
+
+
+def test_compression_progress_is_ours(monkeypatch):
+    """coremltools' compression bar becomes our own line now and then, and nothing else is printed."""
+    from coreml_sd.convert import quiet
+
+    lines = []
+    monkeypatch.setattr(quiet, "PROGRESS_SECONDS", -1)  # a line after every item but the last
+    with quiet.library_output(False, lines.append):
+        from coremltools.optimize.coreml import _quantization_passes
+
+        assert list(_quantization_passes.tqdm(["a", "b", "c"], desc="Running compression pass", unit=" ops")) == ["a", "b", "c"]
+    assert lines == ["  compressing: 1 of 3 large constants done", "  compressing: 2 of 3 large constants done"]
+    assert _quantization_passes.tqdm is not quiet._every  # put back
