@@ -423,6 +423,8 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
     if compression is not None and compression.mixed:
         sensitivity, extra = _sensitivity(p, spec, writer, progress)
         bits = sensitivity.allocate(compression.bits)
+    elif spec.source_part != "vae" and _cached_sensitivity(p, spec, writer)[0] is not None:
+        extra = [f"{spec.name}{SUFFIX}"]  # an earlier mixed preset's analysis, kept for the next one
     stats = _build(p, spec, inputs, outputs, writer.staging / package, precision, writer, progress, bits)
     if spec.name in FLOAT16_PROBES:
         with progress.stage(spec.cli_name, "float16 probe"):
@@ -458,28 +460,37 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
     )
 
 
-def _sensitivity(p: Plan, spec: ComponentSpec, writer: BundleWriter, progress: Progress) -> tuple[Sensitivity, list[str]]:
-    """``spec``'s per-layer sensitivity (``convert.sensitivity``): read from the staging folder or
-    the bundle being replaced when either holds it for these weights, else measured and written to
-    the staging folder. Returns it with the file's name, which the component then owns."""
-    name = f"{spec.name}{SUFFIX}"
+def _cached_sensitivity(p: Plan, spec: ComponentSpec, writer: BundleWriter) -> tuple[Sensitivity | None, str, str]:
+    """``spec``'s per-layer sensitivity if the staging folder or the bundle being replaced holds it
+    for these weights (copied into the staging folder), with where it was found; and its key."""
     key = recipe_hash({"source": p.source.fingerprint(spec.source_part), "component": spec.name,
                        "coremltools": p.tools.get("coremltools"), "torch": p.tools.get("torch")})
+    name = f"{spec.name}{SUFFIX}"
     for folder, where in ((writer.staging, "interrupted run"), (writer.out, "existing bundle")):
         found = Sensitivity.read(folder / name, key)
         if found is not None:
-            progress.log(f"[{spec.cli_name}] layer sensitivity: reused from the {where} ({found.probes} probes)")
             if folder != writer.staging:
                 shutil.copyfile(folder / name, writer.staging / name)
-            return found, [name]
-    with progress.stage(spec.cli_name, "layer sensitivity (for mixed-bit palettes)"):
-        module = build_module(p.source, spec, p.attention, p.query_chunk, torch.float32)
-        found = analyse(module, spec, p.geometry, p.configs["vae"]["scaling_factor"], key,
-                        log=lambda line: progress.log(f"[{spec.cli_name}]   {line}"))
-        del module
-        gc.collect()
-    writer.write_text(name, found.to_json())
-    return found, [name]
+            return found, where, key
+    return None, "", key
+
+
+def _sensitivity(p: Plan, spec: ComponentSpec, writer: BundleWriter, progress: Progress) -> tuple[Sensitivity, list[str]]:
+    """``spec``'s per-layer sensitivity (``convert.sensitivity``): the cached one, else measured and
+    written to the staging folder. Returns it with the file's name, which the component then owns
+    (and keeps under other presets, for the next mixed one: ``convert_component``)."""
+    found, where, key = _cached_sensitivity(p, spec, writer)
+    if found is not None:
+        progress.log(f"[{spec.cli_name}] layer sensitivity: reused from the {where} ({found.probes} probes)")
+    else:
+        with progress.stage(spec.cli_name, "layer sensitivity (for mixed-bit palettes)"):
+            module = build_module(p.source, spec, p.attention, p.query_chunk, torch.float32)
+            found = analyse(module, spec, p.geometry, p.configs["vae"]["scaling_factor"], key,
+                            log=lambda line: progress.log(f"[{spec.cli_name}]   {line}"))
+            del module
+            gc.collect()
+        writer.write_text(f"{spec.name}{SUFFIX}", found.to_json())
+    return found, [f"{spec.name}{SUFFIX}"]
 
 
 # ------------------------------------------------------------------ 3. the manifest

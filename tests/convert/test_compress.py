@@ -16,6 +16,7 @@ several dB; int8 per channel and palettize-8 are near float16's own rounding.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 from pathlib import Path
@@ -82,6 +83,7 @@ def _feeds(model, timestep: float = 500.0) -> dict[str, np.ndarray]:
     return feeds
 
 
+@functools.lru_cache(maxsize=2)  # the float16 bundle's image, once per worker
 def _image(bundle: Path):
     return pixels(Pipeline.from_bundle(bundle, backend="mil").start(PROMPT, steps=4, seed=5, scheduler="euler").finish())[0]
 
@@ -143,12 +145,18 @@ def test_mixed_bits_follow_the_analysis_and_reuse_it(tiny_bundle, tiny_sd1_dir, 
     assert "[unet] compress (mixed-3.5)" in text
     after = read_manifest(bundle)["components"]["Unet"]["compression"]
     assert after["preset"] == "mixed-3.5" and after["bits"] <= 3.5
+    analysis = (bundle / "Unet.sensitivity.json").read_bytes()
     # The prediction: on inputs of the analysis' kind, the measured PSNR within 4 dB (a factor
     # 2.5 in squared error: the estimate of 16 probes varies by about a third per layer).
     ours, theirs = load_model(bundle / "Unet.mlpackage", "mil"), load_model(reference / "Unet.mlpackage", "mil")
     measured = np.mean([psnr(ours.predict(f)["noise_pred"], theirs.predict(f)["noise_pred"])
                         for f in (_feeds(theirs, t) for t in (100.0, 500.0, 900.0))])
     assert abs(measured - after["predicted_psnr_db"]) < 4, (measured, after["predicted_psnr_db"])
+    # Another preset in between keeps the analysis in the bundle for the next mixed one.
+    convert(open_source(str(tiny_sd1_dir)), bundle, ConvertOptions(components=("unet",), compress="palettize-4", overwrite=True),
+            Progress(log=lambda line: None))
+    assert (bundle / "Unet.sensitivity.json").read_bytes() == analysis
+    assert "Unet.sensitivity.json" in read_manifest(bundle)["files"]
 
 
 def test_error_tables_are_the_palettes_coremltools_writes():
