@@ -193,10 +193,11 @@ def analyse(module: torch.nn.Module, spec: ComponentSpec, geometry: Geometry, sc
 
     def hook(name: str):
         def accumulate(p: torch.Tensor) -> None:
-            codes = p.detach().to(torch.float16).view(torch.int16).reshape(-1).to(torch.int64) & 0xFFFF
-            grad = p.grad.reshape(-1)
-            for i in range(len(MIXED_BITS)):
-                sums[name][i] += float(torch.dot(grad, tables[name][i][codes])) ** 2
+            # g . e_b = sum over float16 values v of e_b(v) * (sum of g where the weight is v): one
+            # pass over the gradient for all bit widths.
+            codes = p.detach().to(torch.float16).view(torch.int16).reshape(-1).to(torch.int32) & 0xFFFF
+            by_value = torch.bincount(codes, weights=p.grad.reshape(-1).double(), minlength=1 << 16)
+            sums[name] += (tables[name].double() @ by_value) ** 2
             p.grad = None  # one layer's gradient at a time: SDXL's would be another 10 GB
 
         return accumulate
