@@ -13,15 +13,18 @@ float16 and read back, so compressing costs no second copy of the weights.
 | mixed-B               | a per-tensor palette of 1, 2, 4, 6 or 8 bits per layer, | macOS 13 / iOS 16 |
 |                       | B bits on average (``sensitivity``)                    |                   |
 
-Only weight tensors (two dimensions and more) of more than ``WEIGHT_THRESHOLD`` elements are
-compressed (coremltools' default threshold, which it applies as "more than"); biases and norms stay
-float16 whatever their size (SDXL's feed-forward biases have 10,240 elements): they are a few
-thousandths of the bytes, and an error in a bias shifts every output of its layer alike. Below
-2,048 weights a palette's own table and its blob's headers would eat much of the gain.
+Only weight tensors (two dimensions and more) of more than ``WEIGHT_THRESHOLD`` = 10,000 elements
+are compressed; biases and norms stay float16 whatever their size (SDXL's feed-forward biases
+have 10,240 elements): they are a few thousandths of the bytes, and an error in a bias shifts
+every output of its layer alike. 10,000 is where coremltools starts clustering a float16 tensor
+with its optimal 1-D k-means instead of scikit-learn's randomized one, so every per-tensor palette
+is optimal and the same on every run; SD 1.5's and SDXL's smallest weight tensors (the first and
+last convolutions, 11,520 elements) are above it, so nothing of theirs is left out, while below
+it the gain is at most 20 KB per tensor.
 
 k-means is coremltools': float16 tensors of 10,000 weights and more go to the ``kmeans1d`` it ships
-(optimal 1-D k-means over the distinct float16 values, fast), the rest (smaller tensors, each group
-of a grouped palette) to scikit-learn, which coremltools does not require: the convert extra does.
+(optimal 1-D k-means over the distinct float16 values, fast), the rest (each group of a grouped
+palette, float32 weights) to scikit-learn, which coremltools does not require: the convert extra does.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from ..system import import_coremltools
 
-WEIGHT_THRESHOLD = 2048  # elements; coremltools compresses a constant of more than this many
+WEIGHT_THRESHOLD = 10_000  # elements; coremltools compresses a constant of more than this many
 MIXED_BITS = (1, 2, 4, 6, 8)  # the palette sizes mixed-bit presets choose from, per layer
 GROUP_SIZE = 16  # output channels per palette, palettize-4-grouped
 BLOCK_SIZE = 32  # input channels per scale, int4-blocked

@@ -296,31 +296,38 @@ def place_weights(slots: Slots, weights: Mapping[str, torch.Tensor]) -> Slots:
 _FOLDED = ("mul", "real_div", "add", "sub", "batch_norm")
 
 
+def _role(op, var) -> str | None:
+    """The name of the input of ``op`` that ``var`` is (``weight``, ``bias``, ...)."""
+    return next((key for key, value in op.inputs.items() if value is var), None)
+
+
 class WeightNames:
     """Which parameter each weight constant of a program holds, through the weight passes.
 
     Taken before ``finish`` from the constants ``place_weights`` returned. A constant the passes
-    leave alone keeps its op; one they fold a scale or bias into is a new constant, feeding a new
-    weighted op that is named after the last op folded (coremltools names a pass's result after
-    the output it replaces): the names of the ops that may be folded are remembered here."""
+    leave alone keeps its op; one they fold a scale or bias into is a new constant, feeding the
+    same input (weight, bias) of a new weighted op, named after the last op folded (coremltools
+    names a pass's result after the output it replaces): the names of the ops that may be folded
+    are remembered here, with the input each parameter feeds."""
 
     def __init__(self, placed: Slots):
         self._ops = {id(op): name for name, ops in placed.items() for op in ops}
-        self._outputs: dict[str, str] = {}
+        self._outputs: dict[tuple[str, str | None], str] = {}
         for name, ops in placed.items():
             for op in ops:
                 for child in op.outputs[0].child_ops:
-                    var = child.outputs[0]
-                    self._outputs[var.name] = name
+                    role, var = _role(child, op.outputs[0]), child.outputs[0]
+                    self._outputs[var.name, role] = name
                     while len(var.child_ops) == 1 and var.child_ops[0].op_type in _FOLDED:
                         var = var.child_ops[0].outputs[0]
-                        self._outputs[var.name] = name
+                        self._outputs[var.name, role] = name
 
     def of(self, op) -> str | None:
         """The parameter the constant ``op`` holds, or None (a constant of the graph itself)."""
         if id(op) in self._ops:
             return self._ops[id(op)]
-        owners = {self._outputs.get(child.outputs[0].name) for child in op.outputs[0].child_ops}
+        var = op.outputs[0]
+        owners = {self._outputs.get((child.outputs[0].name, _role(child, var))) for child in var.child_ops}
         return owners.pop() if len(owners) == 1 else None
 
 

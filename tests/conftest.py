@@ -154,7 +154,8 @@ TINY_V2_CHUNK = 24
 @pytest.fixture(scope="session")
 def tiny_bundle(shared_dir: Path, request: pytest.FixtureRequest):
     """Factory: ``tiny_bundle(family="sd1", attention="split-einsum", **options) -> Path``, family
-    one of sd1, sd2, sdxl, sdxl-refiner, sdxl-turbo; each
+    one of sd1, sd2, sdxl, sdxl-refiner, sdxl-turbo (a compressed bundle is converted over the
+    uncompressed one, reusing its VAE; sdxl-turbo over the base, reusing every model); each
     distinct request is converted once per session. Read-only: copy before changing anything."""
     from coreml_sd.convert.converter import ConvertOptions, Progress, convert
     from coreml_sd.convert.source import open_source
@@ -168,8 +169,11 @@ def tiny_bundle(shared_dir: Path, request: pytest.FixtureRequest):
 
         def build(target: Path) -> None:
             target.mkdir()
-            if family == "sdxl-turbo":  # the base's models (same weights and files): reused, not reconverted
-                shutil.copytree(get("sdxl", attention, **options), target / "bundle")
+            if family == "sdxl-turbo" or "compress" in options:
+                # Over a copy of the bundle these models share (the base's; the uncompressed one):
+                # its unchanged models are reused, not reconverted, as `convert --overwrite` does.
+                base = get("sdxl", attention, **options) if family == "sdxl-turbo" else get(family, attention)
+                shutil.copytree(base, target / "bundle")
                 opts_ = ConvertOptions(attention=attention, query_chunk=chunk, overwrite=True, **options)
                 convert(open_source(str(source)), target / "bundle", opts_, Progress(log=lambda line: None))
                 return

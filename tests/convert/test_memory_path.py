@@ -104,6 +104,30 @@ class ScaledProjection(torch.nn.Module):
         return self.norm(self.proj(x) * 0.5)
 
 
+def test_weight_names_follow_a_weight_through_the_fold(tmp_path):
+    """``WeightNames``: after the weight passes fold the scale into the convolution, its new weight
+    constant is still known as the parameter it came from (what a mixed-bit preset's bits are
+    keyed by); the graph's own constants are nobody's."""
+    from coreml_sd.convert.export import WeightNames, run_weight_passes
+
+    torch.manual_seed(0)
+    real = ScaledProjection().eval()
+    with torch.device("meta"):
+        module = ScaledProjection().eval()
+    stand_ins = stand_in_weights(module)
+    inputs, outputs = [TensorSpec("x", (1, 8, 4, 4))], [TensorSpec("y", (1, 16, 4, 4))]
+    program = to_program(trace(module, inputs), inputs, outputs)
+    names = WeightNames(place_weights(take_slots(program, stand_ins), real.state_dict()))
+    run_weight_passes(program)
+    ops = program.functions["main"].operations
+    conv = next(op for op in ops if op.op_type == "conv")
+    assert "mul" not in [op.op_type for op in ops]  # folded: the convolution's weight is a new constant
+    assert names.of(conv.weight.op) == "proj.weight" and names.of(conv.bias.op) == "proj.bias"
+    assert {names.of(op) for op in ops if op.op_type == "const"} >= {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
+    assert {names.of(op) for op in ops if op.op_type == "const" and op.outputs[0].val is not None
+            and getattr(op.outputs[0].val, "size", 0) == 1} <= {None}  # shapes, epsilons: the graph's
+
+
 def test_stand_ins_are_placed_and_a_changed_one_is_refused(tmp_path):
     torch.manual_seed(0)
     real = ScaledProjection().eval()
