@@ -170,17 +170,18 @@ def weight_bytes(package: Path) -> int:
 
 
 def program_weight_bytes(program) -> int:
-    """The bytes of the weights ``program`` holds as constants that go to the weight file (as
-    coremltools decides), before any compression: what its float16 (or float32) package stores."""
+    """The size of the weight file ``program``'s package would have uncompressed: its constants that
+    coremltools writes to the file, each after a 64-byte header and padded to 64 bytes, after the
+    file's own 64-byte header (coremltools' MIL blob storage format)."""
     import_coremltools()
     import numpy as np
     from coremltools.converters.mil.backend.mil.load import should_use_weight_file
 
-    total = 0
+    total = 64
     for function in program.functions.values():
         for op in function.operations:
             if op.op_type == "const":
                 value = op.outputs[0].val
                 if isinstance(value, np.ndarray) and should_use_weight_file(value):
-                    total += value.nbytes
+                    total += 64 + -(-value.nbytes // 64) * 64
     return total
