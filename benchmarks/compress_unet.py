@@ -52,7 +52,7 @@ PRESETS = ("float16", "palettize-8", "palettize-6", "palettize-4", "int8", "int4
 TIMESTEP = 500.0
 
 
-def run_child(preset: str, folder: Path, out: Path) -> None:
+def run_child(preset: str, folder: Path, out: Path, size: int | None) -> None:
     """Convert the UNet with ``preset``, printing each stage's time and the final peak as JSON."""
     from coreml_sd.convert.converter import ConvertOptions, Progress, convert
     from coreml_sd.convert.quiet import library_output
@@ -70,16 +70,17 @@ def run_child(preset: str, folder: Path, out: Path) -> None:
             stages[key] = round(stages.get(key, 0.0) + time.perf_counter() - t, 1)
 
     compress = None if preset == "float16" else preset
-    options = ConvertOptions(components=("unet",), compress=compress, overwrite=True)
+    options = ConvertOptions(components=("unet",), compress=compress, overwrite=True, height=size, width=size)
     t0 = time.perf_counter()
     with library_output(False, lambda line: print(line, file=sys.stderr)):
         convert(open_source(str(folder)), out, options, Timed(log=lambda line: print(line, file=sys.stderr, flush=True)))
     print(json.dumps({"seconds": round(time.perf_counter() - t0, 1), "stages": stages, "peak_rss": peak_rss_bytes()}))
 
 
-def convert_case(preset: str, folder: Path, out: Path, log: Path, limit_gib: float) -> dict:
+def convert_case(preset: str, folder: Path, out: Path, log: Path, limit_gib: float, size: int | None) -> dict:
     """Run ``run_child`` under the memory guard; its record."""
-    command = [sys.executable, __file__, "--child", preset, "--folder", str(folder), "--out", str(out)]
+    command = [sys.executable, __file__, "--child", preset, "--folder", str(folder), "--out", str(out),
+               *(["--size", str(size)] if size else [])]
     sampled = 0
     with open(log, "w") as stderr:
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
@@ -121,12 +122,13 @@ def main() -> None:
                         help=f"comma-separated, from: {', '.join(PRESETS)} [default: all; SDXL: {MODELS['sdxl'][1]}]")
     parser.add_argument("--limit-gib", type=float, default=18.0, help="stop a conversion whose resident memory passes this")
     parser.add_argument("--json", type=Path, help="the results' file [default: results/project/compress_unet_MODEL.json]")
+    parser.add_argument("--size", type=int, help="image side in pixels [default: the model's]")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run_child(args.child, args.folder, args.out)
+        run_child(args.child, args.folder, args.out, args.size)
         return
     from coreml_sd.benchmarks.metrics import psnr
     from coreml_sd.convert.compress import weight_bytes
@@ -147,7 +149,7 @@ def main() -> None:
             # The mixed presets share one bundle: the second reuses the first one's analysis.
             out = work / ("out-mixed" if preset.startswith("mixed-") else f"out-{preset}")
             print(f"{preset} ...", flush=True)
-            record = {"preset": preset, **convert_case(preset, folder, out, work / f"{preset}.log", args.limit_gib)}
+            record = {"preset": preset, **convert_case(preset, folder, out, work / f"{preset}.log", args.limit_gib, args.size)}
             if record["status"] == "ok":
                 package = out / "Unet.mlpackage"
                 record["weight_bytes"] = weight_bytes(package)
@@ -173,7 +175,7 @@ def main() -> None:
         "benchmark": "compress_unet",
         "command": shlex.join(["python", "benchmarks/compress_unet.py", *sys.argv[1:]]),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": MODELS[args.model][0],
+        "model": MODELS[args.model][0] + (f", converted for {args.size}x{args.size} images" if args.size else ""),
         "psnr_input": f"batch 2, Gaussian latents and text embeddings, timestep {TIMESTEP:g}, through the mil backend",
         "note": "random weights are not trained weights: their quantization error can differ from a real model's",
         "presets": records,

@@ -33,8 +33,11 @@ from __future__ import annotations
 import heapq
 import json
 import math
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -121,28 +124,55 @@ def analysed(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.dim() >= 2 and p.numel() > WEIGHT_THRESHOLD}
 
 
-def error_tables(weight: torch.Tensor) -> torch.Tensor:
-    """For each bit width of ``MIXED_BITS``, the error palettizing ``weight`` in float16 makes of
-    each float16 value, indexed by the value's 16-bit pattern: (len(MIXED_BITS), 65536) float32.
+def _palette_errors(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """For each bit width of ``MIXED_BITS``, the error palettizing makes of each of the distinct
+    float16 ``values`` (occurring ``counts`` times): (len(MIXED_BITS), len(values)) float32.
 
-    The palette is the one coremltools makes of a float16 tensor of 10,000 weights or more (and,
-    here, of smaller ones, which coremltools gives to scikit-learn's k-means instead):
-    ``kmeans1d`` over the distinct values weighted by their counts, centroids rounded to float16
-    (coremltools 9.0, ``quantization_utils._get_kmeans_lookup_table_and_weight``). Its function is
-    not called because it maps every weight back through its clusters, once per bit width: for SD
-    1.5's UNet that is most of an hour, where the distinct values (tens of thousands per tensor)
-    are all the analysis needs. The test checks the palettes against coremltools' pass."""
-    # coremltools' own copy of kmeans1d (the PyPI package has no weights); private, pinned 9.0.
-    from coremltools._deps import _kmeans1d as kmeans1d
+    The palette is the one coremltools makes of a float16 tensor of 10,000 weights or more:
+    ``kmeans1d`` (coremltools' own copy) over the distinct values weighted by their counts,
+    centroids rounded to float16 (coremltools 9.0, pinned:
+    ``quantization_utils._get_kmeans_lookup_table_and_weight``). That function is not called as it
+    maps every weight back through its cluster, once per bit width, where the distinct values
+    (tens of thousands per tensor) are all the analysis needs. The test checks the palettes
+    against coremltools' pass."""
+    from coremltools._deps import _kmeans1d as kmeans1d  # private, pinned 9.0; PyPI's takes no weights
 
-    values, counts = np.unique(weight.detach().to(torch.float16).reshape(-1).numpy(), return_counts=True)
-    codes = values.view(np.uint16)
-    tables = np.zeros((len(MIXED_BITS), 1 << 16), np.float32)
+    errors = np.zeros((len(MIXED_BITS), len(values)), np.float32)
     for i, b in enumerate(MIXED_BITS):
         clusters, centroids = kmeans1d.cluster(values, min(len(values), 1 << b), weights=counts)
         palettized = np.asarray(centroids, np.float64).astype(np.float16)[np.asarray(clusters)]
-        tables[i, codes] = palettized.astype(np.float32) - values.astype(np.float32)
+        errors[i] = palettized.astype(np.float32) - values.astype(np.float32)
+    return errors
+
+
+def _distinct(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    return np.unique(weight.detach().to(torch.float16).reshape(-1).numpy(), return_counts=True)
+
+
+def _table(values: np.ndarray, errors: np.ndarray) -> torch.Tensor:
+    """The errors of ``values`` indexed by each float16 value's 16-bit pattern: (bits, 65536)."""
+    tables = np.zeros((len(MIXED_BITS), 1 << 16), np.float32)
+    tables[:, values.view(np.uint16)] = errors
     return torch.from_numpy(tables)
+
+
+def error_tables(weight: torch.Tensor) -> torch.Tensor:
+    """For each bit width of ``MIXED_BITS``, the error palettizing ``weight`` in float16 makes of
+    each float16 value, indexed by the value's 16-bit pattern: (len(MIXED_BITS), 65536) float32."""
+    values, counts = _distinct(weight)
+    return _table(values, _palette_errors(values, counts))
+
+
+def _all_tables(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``error_tables`` of every parameter, the k-means (most of the time: the 8-bit palettes) in
+    as many processes as there are cores. Spawned, not forked: this process holds torch's threads."""
+    distinct = {name: _distinct(p) for name, p in params.items()}
+    workers = min(len(distinct), os.cpu_count() or 1)
+    if workers <= 1:
+        return {name: _table(v, _palette_errors(v, c)) for name, (v, c) in distinct.items()}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_palette_errors, v, c) for name, (v, c) in distinct.items()}
+        return {name: _table(distinct[name][0], future.result()) for name, future in futures.items()}
 
 
 def probe_inputs(specs, probe: int, probes: int, g: Geometry, scaling_factor: float, generator: torch.Generator) -> list:
@@ -185,9 +215,7 @@ def analyse(module: torch.nn.Module, spec: ComponentSpec, geometry: Geometry, sc
     chosen = {id(p) for p in params.values()}
     for p in module.parameters():
         p.requires_grad_(id(p) in chosen)
-    tables = {}
-    for name, p in params.items():
-        tables[name] = error_tables(p)
+    tables = _all_tables(params)
     log(f"palettes of {len(params)} layers at {', '.join(map(str, MIXED_BITS))} bits in {time.perf_counter() - start:.1f}s")
     sums = {name: torch.zeros(len(MIXED_BITS), dtype=torch.float64) for name in params}
 
