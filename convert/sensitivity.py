@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..families import ComponentSpec, Geometry
+from ..system import import_coremltools
 from .compress import MIXED_BITS, WEIGHT_THRESHOLD
 
 VERSION = 1
@@ -135,6 +136,7 @@ def _palette_errors(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     maps every weight back through its cluster, once per bit width, where the distinct values
     (tens of thousands per tensor) are all the analysis needs. The test checks the palettes
     against coremltools' pass."""
+    import_coremltools()  # quietly: this runs in a worker process of its own
     from coremltools._deps import _kmeans1d as kmeans1d  # private, pinned 9.0; PyPI's takes no weights
 
     errors = np.zeros((len(MIXED_BITS), len(values)), np.float32)
