@@ -114,6 +114,25 @@ def unet_output(package: Path) -> np.ndarray:
     return model.predict(feeds)["noise_pred"]
 
 
+def write(args, records: list[dict], done: bool) -> None:
+    """The results so far (after each preset: a stopped run keeps what it measured)."""
+    result = {
+        "benchmark": "compress_unet",
+        "command": shlex.join(["python", "benchmarks/compress_unet.py", *sys.argv[1:]]),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "complete": done,
+        "model": MODELS[args.model][0] + (f", converted for {args.size}x{args.size} images" if args.size else ""),
+        "psnr_input": f"batch 2, Gaussian latents and text embeddings, timestep {TIMESTEP:g}, through the mil backend",
+        "note": "random weights are not trained weights: their quantization error can differ from a real model's",
+        "presets": records,
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "memory_gib": round(_total_bytes() / GIB, 1) if _total_bytes() else None},
+        "tools": tool_versions(),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, help="keep the random-weight folder here (default: a temporary folder)")
@@ -162,8 +181,10 @@ def main() -> None:
                 record["mil_seconds"] = round(time.perf_counter() - t, 1)
                 if reference is None:
                     reference, record["psnr_db"] = output, None
-                    float16_bytes = record["weight_bytes"]
+                    float16_bytes, float16_seconds = record["weight_bytes"], record["seconds"]
                 else:
+                    # Times as ratios to this run's float16 conversion: this machine is noisy.
+                    record["seconds_vs_float16"] = round(record["seconds"] / float16_seconds, 2)
                     record["psnr_db"] = round(psnr(output, reference), 2)
                     record["finite"] = bool(np.isfinite(output).all())
                 record["size_vs_float16"] = round(record["weight_bytes"] / float16_bytes, 4)
@@ -171,20 +192,8 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
             records.append(record)
             print(f"  {json.dumps(record)}", flush=True)
-    result = {
-        "benchmark": "compress_unet",
-        "command": shlex.join(["python", "benchmarks/compress_unet.py", *sys.argv[1:]]),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": MODELS[args.model][0] + (f", converted for {args.size}x{args.size} images" if args.size else ""),
-        "psnr_input": f"batch 2, Gaussian latents and text embeddings, timestep {TIMESTEP:g}, through the mil backend",
-        "note": "random weights are not trained weights: their quantization error can differ from a real model's",
-        "presets": records,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "memory_gib": round(_total_bytes() / GIB, 1) if _total_bytes() else None},
-        "tools": tool_versions(),
-    }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+            write(args, records, done=False)
+    write(args, records, done=True)
 
 
 if __name__ == "__main__":
