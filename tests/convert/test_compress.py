@@ -273,23 +273,36 @@ def test_compress_vae_compresses_the_vae_too(tiny_sd1_dir, tmp_path):
     assert psnr(ours.predict(feeds)["image"], theirs.predict(feeds)["image"]) >= 40
 
 
-def test_sdxl_mixed_bits_through_mil(tiny_bundle):
-    """SDXL's UNet (``text_embeds``, ``time_ids``) at mixed-4.5: analysed with its own inputs,
-    compressed, and run through mil against the float16 bundle. (TextEncoder2 is a CLIP text
-    encoder as TextEncoder is, which the SD 1.x tests compress.)"""
-    bundle = tiny_bundle("sdxl", "split-einsum", components=("unet",), compress="mixed-4.5")
+def test_sdxl_compressed_unet_through_mil(tiny_bundle):
+    """SDXL's UNet (``text_embeds``, ``time_ids``) compressed, run through mil against the float16
+    bundle. (TextEncoder2 is a CLIP text encoder as TextEncoder is, which the SD 1.x tests compress.)"""
+    bundle = tiny_bundle("sdxl", "split-einsum", components=("unet",), compress="palettize-6")
     reference = tiny_bundle("sdxl", "split-einsum")
-    manifest = read_manifest(bundle)
-    for model, floor in (("Unet", 25),):
-        entry = manifest["components"][model]["compression"]
-        assert entry["bits"] <= 4.5 and entry["layer_bits"]
-        ours, theirs = load_model(bundle / f"{model}.mlpackage", "mil"), load_model(reference / f"{model}.mlpackage", "mil")
-        feeds = _feeds(theirs)
-        if "time_ids" in feeds:
-            feeds["time_ids"] = np.tile(np.array([128, 128, 0, 0, 128, 128], np.float32), (feeds["time_ids"].shape[0], 1))
-        got, want = ours.predict(feeds), theirs.predict(feeds)
-        first = next(iter(want))
-        assert np.isfinite(got[first]).all() and psnr(got[first], want[first]) >= floor, (model, psnr(got[first], want[first]))
+    assert read_manifest(bundle)["components"]["Unet"]["compression"]["preset"] == "palettize-6"
+    ours, theirs = load_model(bundle / "Unet.mlpackage", "mil"), load_model(reference / "Unet.mlpackage", "mil")
+    feeds = _feeds(theirs)
+    feeds["time_ids"] = np.tile(np.array([128, 128, 0, 0, 128, 128], np.float32), (feeds["time_ids"].shape[0], 1))
+    got, want = ours.predict(feeds)["noise_pred"], theirs.predict(feeds)["noise_pred"]
+    assert np.isfinite(got).all() and psnr(got, want) >= 30
+
+
+def test_sdxl_analysis_reads_its_own_inputs(tiny_sdxl_dir):
+    """The analysis runs SDXL's UNet with its ``text_embeds`` and ``time_ids`` (the image size's),
+    and finds every weight's error growing as the palette shrinks."""
+    import torch
+
+    from coreml_sd.convert.components import build_module
+    from coreml_sd.convert.sensitivity import analyse
+    from coreml_sd.models import AttentionImpl
+
+    source = open_source(str(tiny_sdxl_dir))
+    p = plan(source, Path("/nonexistent/never-written"), ConvertOptions(components=("unet",)))
+    spec = p.components[0]
+    module = build_module(source, spec, AttentionImpl.ORIGINAL, 512, torch.float32)
+    result = analyse(module, spec, p.geometry, 0.13025, "key", probes=4, log=lambda line: None)
+    assert result.elements and result.peak > 0
+    for by_bits in result.noise.values():
+        assert by_bits[1] > by_bits[4] > by_bits[8] > 0
 
 
 @pytest.mark.macos
