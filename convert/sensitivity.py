@@ -53,6 +53,7 @@ VERSION = 1
 PROBES = 16
 MAX_LATENT = 64  # latent side the analysis runs at, at most (SDXL's UNet: 512x512 images, not 1024x1024)
 SUFFIX = ".sensitivity.json"
+PARALLEL_WEIGHTS = 50_000_000  # from here the palettes' k-means runs in a process per core (seconds to start)
 
 
 @dataclass
@@ -170,7 +171,7 @@ def _all_tables(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     as many processes as there are cores. Spawned, not forked: this process holds torch's threads."""
     distinct = {name: _distinct(p) for name, p in params.items()}
     workers = min(len(distinct), os.cpu_count() or 1)
-    if workers <= 1:
+    if workers <= 1 or sum(p.numel() for p in params.values()) < PARALLEL_WEIGHTS:  # not worth the processes' start
         return {name: _table(v, _palette_errors(v, c)) for name, (v, c) in distinct.items()}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {name: pool.submit(_palette_errors, v, c) for name, (v, c) in distinct.items()}
