@@ -10,8 +10,8 @@ SD 1.5's full-size UNet).
 PSNR floors: uniform quantization of b bits gives a signal-to-noise ratio of about 6.02 b dB on
 the weights, k-means a few dB more; a layer's output PSNR (peak to rms, the peak several rms) sits
 some 10 dB above its weights' SNR and the errors of many layers add. The floors are 6 dB per bit
-less a fixed 2-6 dB for that adding up, and measured values (in the comments) clear them by
-several dB; int8 per channel and palettize-8 are near float16's own rounding.
+less a fixed 2-6 dB for that adding up; int8 per channel and palettize-8 sit near float16's own
+rounding.
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ PROMPT = "a lighthouse on a cliff"
 # preset: (bits per compressed weight, minimum target, Core ML specification version it needs,
 #          PSNR floors in dB of TextEncoder, Unet, the whole image)
 PRESETS = {
-    "palettize-8": (8, "macOS13", 7, 50, 45, 38),  # measured 61, 55, 46
+    "palettize-8": (8, "macOS13", 7, 50, 45, 38),
     "palettize-6": (6, "macOS13", 7, 40, 36, 33),
-    "palettize-4": (4, "macOS13", 7, 30, 25, 24),  # measured 37, 31
+    "palettize-4": (4, "macOS13", 7, 30, 25, 24),
     "palettize-4-grouped": (4, "macOS15", 9, 30, 25, 24),
     "int8": (8, "macOS13", 7, 45, 40, 36),
-    "int4-blocked": (4.5, "macOS15", 9, 28, 23, 22),  # 4 bits and a float16 scale per 32 weights; 36, 29
+    "int4-blocked": (4.5, "macOS15", 9, 28, 23, 22),  # 4 bits and a float16 scale per 32 weights
     "mixed-4.5": (4.5, "macOS13", 7, 30, 26, 24),
 }
 
