@@ -41,6 +41,20 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
     return names
 
 
+def parse_sizes(ctx, param, value: str | None) -> tuple[tuple[int, int], ...] | None:
+    """--sizes "512x512,512x768" (width x height, as people say sizes) as ((height, width), ...), the
+    order the converter and diffusers take them in; a malformed one is click's usage error."""
+    if value is None:
+        return None
+    sizes = []
+    for item in value.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+            raise click.BadParameter(f"{item.strip()!r} is not WIDTHxHEIGHT in pixels, such as 512x768")
+        sizes.append((int(parts[1]), int(parts[0])))
+    return tuple(sizes)
+
+
 @click.command()
 @click.argument("source")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
@@ -55,6 +69,9 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
               help=f"Comma-separated, from {', '.join(COMPONENT_NAMES)} [default: all the model has].")
 @click.option("--height", type=int, help="Image height in pixels (default: the model's native size).")
 @click.option("--width", type=int, help="Image width in pixels (default: the model's native size).")
+@click.option("--sizes", callback=parse_sizes, metavar="WxH,...",
+              help="Several image sizes in one bundle, e.g. 512x512,512x768,768x512: the UNet and VAE hold one function"
+                   " per size, sharing their weights (the first is the default; needs macOS 15 / iOS 18).")
 @click.option("--unet-batch-one", is_flag=True, help="UNet takes batch 1 (two calls per step with guidance; less memory).")
 @click.option("--compress", metavar="PRESET",
               help="Compress the text encoders' and UNet's weights: palettize-8, palettize-6, palettize-4,"
@@ -70,7 +87,7 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (unchanged components are reused).")
 @click.option("--compile/--no-compile", "compile_", default=None, help="Compile to .mlmodelc (default: on macOS).")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the libraries' own progress bars and messages.")
-def convert(source, out, attention, components, height, width, unet_batch_one, compress, compress_vae, deployment_target,
+def convert(source, out, attention, components, height, width, sizes, unet_batch_one, compress, compress_vae, deployment_target,
             revision, config, vae, allow_pickle, overwrite, compile_, verbose):
     """Convert a Stable Diffusion checkpoint to a Core ML bundle.
 
@@ -93,6 +110,7 @@ def convert(source, out, attention, components, height, width, unet_batch_one, c
         components=components or None,
         height=height,
         width=width,
+        sizes=sizes,
         unet_batch=1 if unet_batch_one else 2,
         compile=compile_,
         overwrite=overwrite,

@@ -45,6 +45,7 @@ from .export import (
     can_compile,
     compile_package,
     finish,
+    finish_functions,
     place_weights,
     return_freed_memory,
     stand_in_weights,
@@ -75,6 +76,9 @@ class ConvertOptions:
     compress: str | None = None  # a preset of convert.compress; None: float16 weights
     compress_vae: bool = False  # the VAE too (it is small and the most sensitive)
     deployment_target: str | None = None  # None: the lowest the preset needs
+    # --sizes: (height, width) pixels of each size, the first the default; more than one makes the
+    # UNet's and VAE's packages multifunction (one function a size, the weights shared).
+    sizes: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass
@@ -105,7 +109,7 @@ class Plan:
     family: Family
     components: tuple[ComponentSpec, ...]  # requested, in the family's order
     configs: dict[str, dict[str, Any]]  # per source part, as diffusers / transformers read it
-    geometry: Geometry
+    geometry: Geometry  # the first (default) size's
     attention: AttentionImpl
     query_chunk: int
     compile: bool
@@ -115,6 +119,15 @@ class Plan:
     compression: Preset | None = None
     compress_vae: bool = False
     target: str = "macOS13"  # minimum deployment target of every package
+    geometries: tuple[Geometry, ...] = ()  # every size, ``geometry`` first
+
+    def functions(self, spec: ComponentSpec) -> list[tuple[str | None, list, list]]:
+        """``spec``'s (function name, inputs, outputs) per size: one, named None, for a single size
+        or a model whose inputs do not depend on it (the text encoders); else one per size."""
+        ios = [spec.io(g) for g in self.geometries or (self.geometry,)]
+        if len(ios) == 1 or all(io == ios[0] for io in ios):
+            return [(None, *ios[0])]
+        return [(function_name(g.height, g.width), *io) for g, io in zip(self.geometries, ios)]
 
     def compression_of(self, spec: ComponentSpec) -> Preset | None:
         """The preset ``spec``'s weights get: the text encoders and UNets take ``compression``,
@@ -128,6 +141,7 @@ def plan(source: Source, out: Path, opts: ConvertOptions = ConvertOptions()) -> 
     source that downloads them). Raises ``ConvertError``, ``SourceError`` or ``OutputError``."""
     attention = AttentionImpl.parse(opts.attention)
     compression, target = _compression(opts)
+    target = _sizes_target(opts, compression, target)
     fam = family(source.family)
     names = [c.cli_name for c in fam.components]
     requested = names if opts.components is None else opts.components
@@ -139,7 +153,8 @@ def plan(source: Source, out: Path, opts: ConvertOptions = ConvertOptions()) -> 
     components = tuple(c for c in fam.components if c.cli_name in requested)
     configs = _configs(source, fam, components)  # a component the checkpoint lacks fails here
     architectures = _architectures(source.id, components, configs)
-    geometry = _geometry(source.id, fam, opts, configs, architectures)
+    geometries = tuple(_geometry(source.id, fam, opts, configs, architectures, size) for size in opts.sizes or [None])
+    geometry = geometries[0]
     do_compile = can_compile() if opts.compile is None else opts.compile
     if do_compile and not can_compile():
         raise ConvertError("compiling to .mlmodelc needs macOS (Core ML); drop --compile on this system")
@@ -148,7 +163,29 @@ def plan(source: Source, out: Path, opts: ConvertOptions = ConvertOptions()) -> 
     for part in dict.fromkeys(c.source_part for c in components):
         source.check_weights(part)
     return Plan(source, Path(out), fam, components, configs, geometry, attention, opts.query_chunk, do_compile,
-                opts.overwrite, tokenizer, tool_versions(), compression, opts.compress_vae, target)
+                opts.overwrite, tokenizer, tool_versions(), compression, opts.compress_vae, target, geometries)
+
+
+def function_name(height: int, width: int) -> str:
+    """The name of a multifunction package's function for one image size, as --sizes spells it."""
+    return f"size_{width}x{height}"
+
+
+def _sizes_target(opts: ConvertOptions, compression: Preset | None, target: str) -> str:
+    """The deployment target once --sizes is taken into account: several sizes make multifunction
+    packages, which need macOS 15 / iOS 18; an explicit older target is refused."""
+    sizes = opts.sizes or ()
+    if opts.sizes is not None and (opts.height is not None or opts.width is not None):
+        raise ConvertError("--sizes lists every size: drop --width/--height, or give the one size with them instead")
+    if len(set(sizes)) != len(sizes):
+        twice = next(s for s in sizes if sizes.count(s) > 1)
+        raise ConvertError(f"--sizes lists {twice[1]}x{twice[0]} twice: give each size once")
+    if len(sizes) < 2 or target == "macOS15":
+        return target
+    if opts.deployment_target is not None:
+        raise ConvertError(f"--sizes with {len(sizes)} sizes makes multifunction packages, which need macOS15 / iOS18:"
+                           f" raise or drop --deployment-target {opts.deployment_target}, or convert one size per bundle")
+    return "macOS15"
 
 
 def _compression(opts: ConvertOptions) -> tuple[Preset | None, str]:
@@ -196,18 +233,21 @@ def _architectures(source_id: str, components: tuple[ComponentSpec, ...], config
     return architectures
 
 
-def _image_side(name: str, requested: int | None, native: int | None, fam: Family, unet_factor: int) -> int:
-    """One side of the image in pixels: as requested, else the model's native size."""
+def _image_side(name: str, requested: int | None, native: int | None, fam: Family, unet_factor: int,
+                flag: str | None = None) -> int:
+    """One side of the image in pixels: as requested, else the model's native size. ``flag``: how
+    the user asked for it, for messages (default --height / --width)."""
     vae_scale = fam.vae_scale
     if requested is None and native is None:
         usual = fam.default_size[0 if name == "height" else 1]
         raise ConvertError(f"the UNet config gives no sample_size: pass --{name} ({fam.label} models are usually {usual})")
     side = native if requested is None else requested
+    asked = f"{flag}: {name}" if flag else f"--{name}"
     if side <= 0 or side % vae_scale:
-        raise ConvertError(f"--{name} {side}: the image side must be a positive multiple of {vae_scale} (the VAE's scale)")
+        raise ConvertError(f"{asked} {side}: the image side must be a positive multiple of {vae_scale} (the VAE's scale)")
     if (side // vae_scale) % unet_factor:
         raise ConvertError(
-            f"--{name} {side}: latent side {side // vae_scale} is not a multiple of {unet_factor} as this UNet needs; "
+            f"{asked} {side}: latent side {side // vae_scale} is not a multiple of {unet_factor} as this UNet needs; "
             f"use a multiple of {vae_scale * unet_factor} pixels"
         )
     return side
@@ -225,15 +265,20 @@ def _native_size(source_id: str, sample_size: Any, vae_scale: int) -> tuple[int,
 
 
 def _geometry(source_id: str, fam: Family, opts: ConvertOptions, configs: dict[str, dict[str, Any]],
-              architectures: dict[str, Any]) -> Geometry:
+              architectures: dict[str, Any], size: tuple[int, int] | None = None) -> Geometry:
     """Sizes for every component, from the UNet's config (every pipeline has one), the text
-    encoders' and the flags; checked against the requested parts' ``architectures``."""
+    encoders' and the flags (``size``: one of --sizes, as (height, width)); checked against the
+    requested parts' ``architectures``."""
     unet = configs["unet"]
     scale = fam.vae_scale
     unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)
     native = _native_size(source_id, unet.get("sample_size"), scale)
-    height = _image_side("height", opts.height, native and native[0], fam, unet_factor)
-    width = _image_side("width", opts.width, native and native[1], fam, unet_factor)
+    if size is not None:
+        height = _image_side("height", size[0], None, fam, unet_factor, flag=f"--sizes {size[1]}x{size[0]}")
+        width = _image_side("width", size[1], None, fam, unet_factor, flag=f"--sizes {size[1]}x{size[0]}")
+    else:
+        height = _image_side("height", opts.height, native and native[0], fam, unet_factor)
+        width = _image_side("width", opts.width, native and native[1], fam, unet_factor)
     if opts.unet_batch not in (1, 2):
         raise ConvertError(f"UNet batch {opts.unet_batch}: use 2 (default) or 1 (--unet-batch-one)")
     geometry = Geometry(height, width, opts.unet_batch, unet["cross_attention_dim"], vae_scale=scale,
@@ -290,8 +335,9 @@ def _check_text_widths(source_id: str, fam: Family, g: Geometry) -> None:
 # ------------------------------------------------------------------ 2. one component
 
 
-def _recipe(p: Plan, spec: ComponentSpec, inputs) -> str:
+def _recipe(p: Plan, spec: ComponentSpec, functions) -> str:
     """What a component's package depends on: a bundle's component with the same recipe is reused."""
+    inputs = [[s.as_dict() | {"name": s.name} for s in inputs] for _, inputs, _ in functions]
     return recipe_hash(
         {
             "component": spec.cli_name,
@@ -299,7 +345,8 @@ def _recipe(p: Plan, spec: ComponentSpec, inputs) -> str:
             "attention": p.attention.value,
             "query_chunk": p.query_chunk,
             "float32_features": list(spec.float32_features),
-            "inputs": [s.as_dict() | {"name": s.name} for s in inputs],
+            "inputs": inputs[0] if len(functions) == 1 else inputs,
+            **({"functions": [name for name, _, _ in functions]} if len(functions) > 1 else {}),
             "compiled": p.compile,
             "tools": p.tools,
             "compression": (c := p.compression_of(spec)) and c.name,
@@ -308,12 +355,14 @@ def _recipe(p: Plan, spec: ComponentSpec, inputs) -> str:
     )
 
 
-def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, precision: str, writer: BundleWriter,
+def _build(p: Plan, spec: ComponentSpec, functions, destination: Path, precision: str, writer: BundleWriter,
            progress: Progress, bits: dict[str, int] | None = None) -> dict[str, Any]:
     """Trace -> convert (with stand-in weights) -> load -> place -> compress -> save ``spec``'s
     package to ``destination`` in ``precision``, freeing each stage's copy before the next; returns
-    the compression's manifest entry (None when uncompressed). ``bits``: a mixed preset's palette
-    bits per parameter.
+    the compression's manifest entry (None when uncompressed). ``functions``: (name, inputs,
+    outputs) per size (``Plan.functions``); several make one multifunction package, each size
+    traced and converted on its own and the weights loaded, placed, compressed and stored once.
+    ``bits``: a mixed preset's palette bits per parameter.
 
     Weights last (see export): the module is traced and converted with stand-in weights that cost no
     memory, which are loaded in the program's precision only then, so that the model is in memory once
@@ -321,16 +370,19 @@ def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, pre
     that program before it is written: no float16 package is written and read back."""
     return_freed_memory()
     compression = p.compression_of(spec)
-    with progress.stage(spec.cli_name, "trace"):
-        module = empty_module(spec, p.configs[spec.source_part], p.attention, p.query_chunk)
-        stand_ins = stand_in_weights(module)
-        traced = trace(module, inputs)
     with writer.temporaries():  # coremltools' temporary package: inside staging, removed after
-        with progress.stage(spec.cli_name, "convert" if precision == "float16" else f"convert ({precision})"):
-            program = to_program(traced, inputs, outputs, spec.float32_features, precision, p.target)
-            del module, traced
-            slots = take_slots(program, stand_ins)
-            gc.collect()
+        programs = []  # (function, program, its weights' slots)
+        for function, inputs, outputs in functions:
+            size = f" ({function.removeprefix('size_')})" if function else ""
+            with progress.stage(spec.cli_name, f"trace{size}"):
+                module = empty_module(spec, p.configs[spec.source_part], p.attention, p.query_chunk)
+                stand_ins = stand_in_weights(module)
+                traced = trace(module, inputs)
+            with progress.stage(spec.cli_name, f"convert{size}" if precision == "float16" else f"convert ({precision}){size}"):
+                program = to_program(traced, inputs, outputs, spec.float32_features, precision, p.target)
+                del module, traced
+                programs.append((function, program, take_slots(program, stand_ins)))
+                gc.collect()
         with progress.stage(spec.cli_name, "load"):
             try:
                 module = build_module(p.source, spec, p.attention, p.query_chunk, getattr(torch, precision))
@@ -340,13 +392,16 @@ def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, pre
                 ) from None
         entry: dict[str, Any] = {}
         with progress.stage(spec.cli_name, "place"):
-            names = WeightNames(place_weights(slots, module.state_dict()))
-            del module  # the program shares the tensors it holds
+            weights = module.state_dict()
+            # Every size's program shares the same arrays (place_weights takes the tensors' memory).
+            names = [WeightNames(place_weights(slots, weights)) for _, _, slots in programs]
+            del module, weights  # the programs share the tensors they hold
+            program = programs[0][1]
 
             def compress(program) -> None:  # on the placed weights, their scales folded in (export.finish)
                 if compression is None:
                     return
-                consts = _weight_consts(p, spec, program, names, bits)
+                consts = _weight_consts(p, spec, program, names[0], bits)
                 entry.update(preset=compression.name, bytes_before=program_weight_bytes(program), deployment_target=p.target,
                              bits=compression.bits if bits is None else _average(program, consts))
                 with progress.stage(spec.cli_name, f"compress ({compression.name})"):
@@ -360,8 +415,13 @@ def _build(p: Plan, spec: ComponentSpec, inputs, outputs, destination: Path, pre
                 "coreml-sd.precision": precision,
                 **({"coreml-sd.compression": compression.name} if compression else {}),
             }
-            mlmodel = finish(program, inputs, outputs, metadata, f"{spec.description} ({p.source.id})", compress, p.target)
-        del program, slots
+            description = f"{spec.description} ({p.source.id})"
+            if len(functions) == 1:
+                mlmodel = finish(program, *functions[0][1:], metadata, description, compress, p.target)
+            else:
+                mlmodel = finish_functions([(f, prog, *io) for (f, prog, _), (_, *io) in zip(programs, functions)],
+                                           metadata, description, compress, p.target)
+        del program, programs
         gc.collect()
         with progress.stage(spec.cli_name, "save"):
             # Straight into place: until record() lists it, the next run's writer deletes it, so an
@@ -408,8 +468,8 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
     """Reuse ``spec``'s component when its recipe is unchanged, else build it into ``writer``'s
     staging folder (``_build``), check a VAE model's float16 output (``probe``; converted again in
     float32 when it overflows), then compile it."""
-    inputs, outputs = spec.io(p.geometry)
-    recipe = _recipe(p, spec, inputs)
+    functions = p.functions(spec)
+    recipe = _recipe(p, spec, functions)
     reused = writer.reuse(spec.name, recipe)
     if reused:
         progress.log(f"[{spec.cli_name}] unchanged: reused from the {reused}")
@@ -425,7 +485,7 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
         bits = sensitivity.allocate(compression.bits)
     elif spec.source_part != "vae" and _cached_sensitivity(p, spec, writer)[0] is not None:
         extra = [f"{spec.name}{SUFFIX}"]  # an earlier mixed preset's analysis, kept for the next one
-    stats = _build(p, spec, inputs, outputs, writer.staging / package, precision, writer, progress, bits)
+    stats = _build(p, spec, functions, writer.staging / package, precision, writer, progress, bits)
     if spec.name in FLOAT16_PROBES:
         with progress.stage(spec.cli_name, "float16 probe"):
             failure = float16_failure(writer.staging / package, spec.name, p.configs["vae"]["scaling_factor"])
@@ -434,7 +494,7 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
                          " (runs on the CPU and GPU, not the Neural Engine; --vae with a float16-safe VAE avoids it)")
             precision = "float32"
             shutil.rmtree(writer.staging / package)
-            stats = _build(p, spec, inputs, outputs, writer.staging / package, precision, writer, progress, bits)
+            stats = _build(p, spec, functions, writer.staging / package, precision, writer, progress, bits)
     if stats is not None:
         if bits is not None:
             stats.update(predicted_psnr_db=round(sensitivity.psnr(bits), 2), analysis=extra[0], layer_bits=bits)
@@ -451,9 +511,13 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
         "precision": precision,
         "compression": stats,
         "deployment_target": p.target,
-        "inputs": {s.name: s.as_dict() for s in inputs},
-        "outputs": {s.name: s.as_dict() for s in outputs},
+        "inputs": {s.name: s.as_dict() for s in functions[0][1]},
+        "outputs": {s.name: s.as_dict() for s in functions[0][2]},
     }
+    if len(functions) > 1:  # a multifunction package: each size's I/O, by function name
+        entry["functions"] = {name: {"inputs": {s.name: s.as_dict() for s in inputs},
+                                     "outputs": {s.name: s.as_dict() for s in outputs}}
+                              for name, inputs, outputs in functions}
     writer.record(spec.name, entry, recipe, [package, *([compiled] if compiled else []), *extra])
     progress.log(
         f"[{spec.cli_name}] converted in {time.perf_counter() - t0:.1f}s (peak memory so far {peak_rss_bytes() / 2**30:.1f} GiB)"
@@ -512,6 +576,11 @@ def write_manifest(p: Plan, writer: BundleWriter) -> Path:
         "prediction_type": p.source.prediction_type,
         "image_size": [g.height, g.width],
         "latent_size": list(g.latent),
+        # Every size the bundle runs at, the first the default; "function" names the UNet's and
+        # VAE's function for it (null: a single-size bundle, whose packages have one function).
+        "sizes": [{"height": s.height, "width": s.width,
+                   "function": function_name(s.height, s.width) if len(p.geometries) > 1 else None}
+                  for s in p.geometries or (g,)],
         "attention": p.attention.value,
         "query_chunk": p.query_chunk,
         "unet_batch": g.unet_batch,
@@ -536,6 +605,11 @@ def convert(source: Source, out: Path, opts: ConvertOptions = ConvertOptions(), 
         kept = "" if p.compress_vae else "; the VAE stays float16 (--compress-vae compresses it)"
         progress.log(f"compressing {', '.join(chosen) or 'nothing requested'} as {p.compression.name}{kept};"
                      f" minimum deployment target {describe_target(p.target)}")
+    if len(p.geometries) > 1:
+        sizes = ", ".join(f"{g.width}x{g.height}" for g in p.geometries)
+        progress.log(f"sizes {sizes}: one function per size in the UNet's and VAE's packages (weights stored once,"
+                     f" {p.geometries[0].width}x{p.geometries[0].height} the default); minimum deployment target"
+                     f" {describe_target(p.target)}")
     if p.family.time_ids and p.geometry.unet_batch == 1 and any(c.name == p.family.unet for c in p.components):
         # StableDiffusionXLPipeline.swift feeds a timestep of batch 2 (Unet.swift line 165).
         progress.log("note: Apple's Swift SDXL pipeline calls the UNet with batch 2 only; this batch-1 UNet runs in coreml-sd")

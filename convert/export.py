@@ -25,6 +25,7 @@ error of the weights (``tests/convert/test_memory_path.py``).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import platform
 import shutil
 import sys
@@ -358,6 +359,122 @@ def finish(program, inputs: list[TensorSpec], outputs: list[TensorSpec], metadat
         skip_model_load=True,
     )
     return _describe(model, inputs, outputs, metadata, description)
+
+
+# -- several sizes in one package ------------------------------------------------------------
+#
+# One function per image size, sharing the weights (a multifunction ML program, macOS 15 / iOS 18).
+# coremltools' ``save_multifunction`` merges packages already written: every size converted and
+# saved whole, then all of them read back at once (SDXL's UNet at three sizes: 15 GB in memory,
+# as much on disk). The converter instead holds each size's program with the same weight arrays
+# placed in it (``place_weights`` shares them), compresses the first function's weights only and
+# gives the others the same compressed constants (``share_compressed``), and writes one package
+# whose constants of equal value are stored once (coremltools' own cross-function deduplication,
+# as ``save_multifunction`` uses it).
+
+
+def _key(value: np.ndarray) -> tuple:
+    return value.dtype.str, value.shape, hashlib.blake2b(np.ascontiguousarray(value).data, digest_size=16).digest()
+
+
+def _uses(var) -> list[tuple[Any, str]]:
+    return [(child, _role(child, var)) for child in var.child_ops]
+
+
+def share_compressed(first, others: list, compress: Callable[[Any], None]) -> None:
+    """Compress ``first`` (a program) with ``compress`` and give each program of ``others`` (the
+    same model at other sizes, holding the same weights) the same compressed constants in place of
+    its own: compressing them again would cost as much each time, and k-means that is not
+    deterministic (scikit-learn's, for grouped palettes) could store different palettes per size."""
+    before: dict[tuple, list] = {}
+    for op in _constants(first):
+        value = op.outputs[0].val
+        if isinstance(value, np.ndarray) and value.size > 1:
+            before.setdefault(_key(value), []).extend(_uses(op.outputs[0]))
+    compress(first)
+    compressed = {}
+    for key, uses in before.items():
+        for child, role in uses:
+            var = child.inputs.get(role) if role else None
+            if var is not None and var.op is not None and var.op.op_type != "const":
+                compressed[key] = var
+                break
+    if not compressed:
+        return
+    for program in others:
+        for op in list(_constants(program)):
+            value = op.outputs[0].val
+            if isinstance(value, np.ndarray) and value.size > 1 and (source := compressed.get(_key(value))) is not None:
+                _replace_with_copy(op, source)
+
+
+def _replace_with_copy(const_op, source) -> None:
+    """Replace ``const_op`` by a copy of the ops computing ``source`` (a decompressing ``constexpr_*``
+    op of another program, and the constants it reads: the same arrays, not copies of them)."""
+    import_coremltools()
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
+
+    def copy(var):
+        op = var.op
+        if op.op_type == "const":
+            return mb.const(val=var.val, name=op.name, before_op=const_op)
+        inputs = {k: (tuple(copy(v) for v in value) if isinstance(value, (tuple, list)) else copy(value))
+                  for k, value in op.inputs.items()}
+        outputs = getattr(mb, op.op_type)(**inputs, name=op.name, before_op=const_op)
+        return outputs[op.outputs.index(var)] if isinstance(outputs, (tuple, list)) else outputs
+
+    block = const_op.enclosing_block
+    with mb.scope(ScopeInfo(source=ScopeSource.COREMLTOOLS_GRAPH_PASS, data=["share_compressed"])), block:
+        new = copy(source)
+        block.replace_uses_of_var_after_op(anchor_op=const_op, old_var=const_op.outputs[0], new_var=new)
+        block.remove_ops([const_op])
+
+
+def finish_functions(functions: list[tuple[str, Any, list[TensorSpec], list[TensorSpec]]], metadata: dict[str, str],
+                     description: str, compress: Callable[[Any], None] | None = None, target: str = "macOS15"):
+    """Programs of ``to_program`` for one model at several sizes, their weights placed, as one
+    multifunction ML program package (``coremltools.models.MLModel``): ``functions`` lists (name,
+    program, inputs, outputs), the first being the package's default function. ``WEIGHT_PASSES``
+    run on each program, ``compress`` on the first one only (``share_compressed``)."""
+    ct = import_coremltools()
+    from coremltools.converters.mil.converter import mil_convert
+    from coremltools.converters.mil.mil import Program
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    programs = [program for _, program, _, _ in functions]
+    for program in programs:
+        run_weight_passes(program)
+    if compress is not None:
+        share_compressed(programs[0], programs[1:], compress)
+    merged = Program()
+    for name, program, _, _ in functions:
+        merged.add_function(name, program.functions["main"])
+    merged.default_function_name = functions[0][0]
+    # Equal constants of different functions get one weight id: stored once in weight.bin.
+    PASS_REGISTRY["common::const_deduplication"]._deduplicate_const_across_functions(merged)
+    merged.skip_all_passes = True
+    merged.export_as_multifunction = True
+    version = max(_SPEC_VERSIONS[target], _SPEC_VERSIONS["macOS15"])
+    model = mil_convert(merged, convert_to="mlprogram", convert_from="milinternal", specification_version=version,
+                        compute_units=ct.ComputeUnit.CPU_ONLY, skip_model_load=True, pass_pipeline=ct.PassPipeline.EMPTY)
+    spec = model.get_spec()
+    for function, (_, _, inputs, outputs) in zip(spec.description.functions, functions):
+        _describe_features(function.input, inputs)
+        _describe_features(function.output, outputs)
+    described = ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
+    return _describe(described, [], [], metadata, description)
+
+
+# The Core ML specification version of each deployment target's opset.
+_SPEC_VERSIONS = {"macOS13": 7, "macOS14": 8, "macOS15": 9}
+
+
+def _describe_features(features, specs: list[TensorSpec]) -> None:
+    by_name = {s.name: s for s in specs}
+    for feature in features:
+        if feature.name in by_name and by_name[feature.name].description:
+            feature.shortDescription = by_name[feature.name].description
 
 
 def _describe(model, inputs: list[TensorSpec], outputs: list[TensorSpec], metadata: dict[str, str], description: str):
