@@ -1,0 +1,134 @@
+"""``convert --sizes``: one bundle for several image sizes, the UNet and VAE as multifunction
+packages (one function a size, the weights stored once), checked on the packages themselves.
+
+What an app that knows nothing of functions sees is the default function: Apple's Swift package
+loads each model with ``MLModel(contentsOf:configuration:)`` and no function name
+(``swift/StableDiffusion/pipeline/ManagedMLModel.swift`` line 71, apple/ml-stable-diffusion at
+e12202c) and reads the latent size from the UNet's ``sample`` input description (``Unet.swift``
+lines 63-68), so the default function must describe exactly what the one-size package does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import coremltools as ct
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from coreml_sd.cli import main
+from coreml_sd.contract import read_manifest
+from coreml_sd.convert.converter import ConvertOptions, Progress, convert
+from coreml_sd.convert.source import open_source
+from helpers import one_line_error
+
+# (height, width): the tiny SD 1.x default (8x8 latents), a portrait and a landscape size. With
+# split-einsum-v2's query chunk of 24 (conftest), none of their token counts (64, 80, 96 at the
+# first attention level) is a multiple of the chunk.
+SIZES = ((64, 64), (80, 64), (64, 96))
+SIZED = ("Unet", "VAEDecoder", "VAEEncoder")
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+@pytest.fixture(scope="module")
+def sized(tiny_bundle):
+    return tiny_bundle("sd1", "split-einsum-v2", sizes=SIZES)
+
+
+def test_sizes_make_one_package_per_model_with_a_function_per_size(sized, tiny_bundle):
+    """The manifest lists the sizes, first the default; the UNet's and VAE's packages have one
+    function per size, the text encoder one; the target is macOS 15; the three-size bundle takes
+    at most 1.04x the bytes of the one-size bundle."""
+    manifest = read_manifest(sized)
+    assert manifest["sizes"] == [{"height": h, "width": w, "function": f"size_{w}x{h}"} for h, w in SIZES]
+    assert manifest["image_size"] == [64, 64] and manifest["deployment_target"] == "macOS15"
+    for name in SIZED:
+        spec = ct.utils.load_spec(str(sized / f"{name}.mlpackage"))
+        assert spec.specificationVersion >= 9
+        assert [f.name for f in spec.description.functions] == [f"size_{w}x{h}" for h, w in SIZES]
+        assert spec.description.defaultFunctionName == "size_64x64"
+        functions = manifest["components"][name]["functions"]
+        for function in spec.description.functions:  # each function's shapes, as the manifest records them
+            shapes = {f.name: list(f.type.multiArrayType.shape) for f in function.input}
+            assert shapes == {k: v["shape"] for k, v in functions[function.name]["inputs"].items()}
+        latent = {f.name: list(f.type.multiArrayType.shape) for f in spec.description.functions[1].input}
+        if name == "Unet":
+            assert latent["sample"] == [2, 4, 10, 8]  # 64 wide, 80 high: (height, width) / 8
+    text = ct.utils.load_spec(str(sized / "TextEncoder.mlpackage"))
+    assert not text.description.functions and "functions" not in manifest["components"]["TextEncoder"]
+
+    single = tiny_bundle("sd1", "split-einsum-v2")
+    ratio = _bytes(sized) / _bytes(single)
+    assert ratio <= 1.04, ratio
+
+
+def test_default_function_is_the_one_size_package(sized, tiny_bundle):
+    """A consumer that ignores functions sees the default function: the same inputs and outputs
+    (names, shapes, types, descriptions) and metadata as the one-size package of that size."""
+    single = tiny_bundle("sd1", "split-einsum-v2")
+    for name in SIZED:
+        multi = ct.utils.load_spec(str(sized / f"{name}.mlpackage"))
+        one = ct.utils.load_spec(str(single / f"{name}.mlpackage"))
+        default = next(f for f in multi.description.functions if f.name == multi.description.defaultFunctionName)
+        assert list(default.input) == list(one.description.input), name
+        assert list(default.output) == list(one.description.output), name
+        assert dict(multi.description.metadata.userDefined) == dict(one.description.metadata.userDefined)
+
+
+def test_one_size_stays_a_single_function_package(tiny_bundle):
+    """Without --sizes (or with one size) nothing changes: single-function packages for macOS 13,
+    and the manifest's one size has no function name."""
+    bundle = tiny_bundle("sd1", "split-einsum-v2")
+    manifest = read_manifest(bundle)
+    assert manifest["sizes"] == [{"height": 64, "width": 64, "function": None}]
+    assert manifest["deployment_target"] == "macOS13"
+    assert not ct.utils.load_spec(str(bundle / "Unet.mlpackage")).description.functions
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--sizes", "64x64,64x80", "--width", "64"], ["--sizes lists every size", "drop --width/--height"]),
+    (["--sizes", "64x64,64x64"], ["--sizes lists 64x64 twice"]),
+    (["--sizes", "64x64,60x64"], ["--sizes 60x64: width 60", "multiple of 8"]),
+    (["--sizes", "64x64,72x64"], ["--sizes 72x64: width 72", "latent side 9 is not a multiple of 2", "multiple of 16 pixels"]),
+    (["--sizes", "64x64,64x80", "--deployment-target", "macOS14"],
+     ["2 sizes makes multifunction packages, which need macOS15 / iOS18", "--deployment-target macOS14"]),
+])
+def test_impossible_sizes_are_refused_before_any_work(args, fragments, tiny_sd1_dir, tmp_path):
+    result = CliRunner().invoke(main, ["convert", str(tiny_sd1_dir), "-o", str(tmp_path / "out"), *args])
+    one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_malformed_sizes_are_a_usage_error(tiny_sd1_dir, tmp_path):
+    result = CliRunner().invoke(main, ["convert", str(tiny_sd1_dir), "-o", str(tmp_path / "out"), "--sizes", "64x64,wide"])
+    assert result.exit_code == 2 and "'wide' is not WIDTHxHEIGHT in pixels" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_sizes_with_compression_share_the_compressed_weights(sized, tiny_sd1_dir, tmp_path):
+    """--sizes with --compress: the first function's weights are compressed and the others take
+    the same constants, so the UNet's weight file shrinks as a one-size package's would (4 bits:
+    about a quarter, plus what stays float16), not three times that."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(sized, bundle)
+    lines = []
+    options = ConvertOptions(attention="split-einsum-v2", query_chunk=24, sizes=SIZES, compress="palettize-4",
+                             components=("unet",), overwrite=True)
+    convert(open_source(str(tiny_sd1_dir)), bundle, options, Progress(log=lines.append))
+    text = "\n".join(lines)
+    assert "sizes 64x64, 64x80, 96x64: one function per size" in text and "macOS 15 / iOS 18" in text
+    assert text.count("compress (palettize-4) ...") == 1  # once, not once per size
+    entry = read_manifest(bundle)["components"]["Unet"]["compression"]
+    weights = "Unet.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
+    float16, compressed = (sized / weights).stat().st_size, (bundle / weights).stat().st_size
+    assert entry["bytes_after"] == compressed
+    assert compressed < 0.4 * float16, (compressed, float16)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert [s["function"] for s in manifest["sizes"]] == [f"size_{w}x{h}" for h, w in SIZES]
+    assert np.isclose(entry["bits"], 4)
