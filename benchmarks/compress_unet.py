@@ -54,7 +54,16 @@ TIMESTEP = 500.0
 
 def run_child(preset: str, folder: Path, out: Path, size: int | None) -> None:
     """Convert the UNet with ``preset``, printing each stage's time and the final peak as JSON."""
-    from coreml_sd.convert.converter import ConvertOptions, Progress, convert
+    from coreml_sd.convert.converter import ConvertOptions
+
+    compress = None if preset == "float16" else preset
+    timed_convert(folder, out, ConvertOptions(components=("unet",), compress=compress, overwrite=True, height=size, width=size))
+
+
+def timed_convert(folder: Path, out: Path, options) -> None:
+    """Convert ``folder`` into ``out`` with ``options`` (``ConvertOptions``), printing each stage's
+    time (summed over sizes and components) and the final peak as one JSON line."""
+    from coreml_sd.convert.converter import Progress, convert
     from coreml_sd.convert.quiet import library_output
     from coreml_sd.convert.source import open_source
 
@@ -69,8 +78,6 @@ def run_child(preset: str, folder: Path, out: Path, size: int | None) -> None:
             key = what.split(" (")[0]
             stages[key] = round(stages.get(key, 0.0) + time.perf_counter() - t, 1)
 
-    compress = None if preset == "float16" else preset
-    options = ConvertOptions(components=("unet",), compress=compress, overwrite=True, height=size, width=size)
     t0 = time.perf_counter()
     with library_output(False, lambda line: print(line, file=sys.stderr)):
         convert(open_source(str(folder)), out, options, Timed(log=lambda line: print(line, file=sys.stderr, flush=True)))
@@ -81,6 +88,13 @@ def convert_case(preset: str, folder: Path, out: Path, log: Path, limit_gib: flo
     """Run ``run_child`` under the memory guard; its record."""
     command = [sys.executable, __file__, "--child", preset, "--folder", str(folder), "--out", str(out),
                *(["--size", str(size)] if size else [])]
+    return run_guarded(command, log, limit_gib)
+
+
+def run_guarded(command: list[str], log: Path, limit_gib: float) -> dict:
+    """Run ``command`` (a child printing ``timed_convert``'s JSON line last), its stderr into
+    ``log``, stopping it when its resident memory passes ``limit_gib`` or the machine's available
+    memory falls under 1 GiB; its record (status, seconds, stages, peak_rss_gib)."""
     sampled = 0
     with open(log, "w") as stderr:
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)

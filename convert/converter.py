@@ -118,8 +118,15 @@ class Plan:
     tools: dict[str, str | None]
     compression: Preset | None = None
     compress_vae: bool = False
-    target: str = "macOS13"  # minimum deployment target of every package
+    target: str = "macOS13"  # minimum deployment target of the bundle
     geometries: tuple[Geometry, ...] = ()  # every size, ``geometry`` first
+    single_target: str = "macOS13"  # that of a one-function package: only multifunction ones need macOS 15
+
+    def target_of(self, functions: list) -> str:
+        """The deployment target of a package of ``functions`` (``functions``): a text encoder in a
+        bundle of several sizes stays as old as the compression allows, and is reused from a
+        one-size bundle of the same model."""
+        return self.target if len(functions) > 1 else self.single_target
 
     def functions(self, spec: ComponentSpec) -> list[tuple[str | None, list, list]]:
         """``spec``'s (function name, inputs, outputs) per size: one, named None, for a single size
@@ -140,8 +147,8 @@ def plan(source: Source, out: Path, opts: ConvertOptions = ConvertOptions()) -> 
     configs, architectures, sizes, tokenizer, output path), and the weight files last (for a hub
     source that downloads them). Raises ``ConvertError``, ``SourceError`` or ``OutputError``."""
     attention = AttentionImpl.parse(opts.attention)
-    compression, target = _compression(opts)
-    target = _sizes_target(opts, compression, target)
+    compression, single_target = _compression(opts)
+    target = _sizes_target(opts, compression, single_target)
     fam = family(source.family)
     names = [c.cli_name for c in fam.components]
     requested = names if opts.components is None else opts.components
@@ -163,7 +170,7 @@ def plan(source: Source, out: Path, opts: ConvertOptions = ConvertOptions()) -> 
     for part in dict.fromkeys(c.source_part for c in components):
         source.check_weights(part)
     return Plan(source, Path(out), fam, components, configs, geometry, attention, opts.query_chunk, do_compile,
-                opts.overwrite, tokenizer, tool_versions(), compression, opts.compress_vae, target, geometries)
+                opts.overwrite, tokenizer, tool_versions(), compression, opts.compress_vae, target, geometries, single_target)
 
 
 def function_name(height: int, width: int) -> str:
@@ -350,7 +357,7 @@ def _recipe(p: Plan, spec: ComponentSpec, functions) -> str:
             "compiled": p.compile,
             "tools": p.tools,
             "compression": (c := p.compression_of(spec)) and c.name,
-            "target": p.target,
+            "target": p.target_of(functions),
         }
     )
 
@@ -370,6 +377,7 @@ def _build(p: Plan, spec: ComponentSpec, functions, destination: Path, precision
     that program before it is written: no float16 package is written and read back."""
     return_freed_memory()
     compression = p.compression_of(spec)
+    target = p.target_of(functions)
     with writer.temporaries():  # coremltools' temporary package: inside staging, removed after
         programs = []  # (function, program, its weights' slots)
         for function, inputs, outputs in functions:
@@ -379,7 +387,7 @@ def _build(p: Plan, spec: ComponentSpec, functions, destination: Path, precision
                 stand_ins = stand_in_weights(module)
                 traced = trace(module, inputs)
             with progress.stage(spec.cli_name, f"convert{size}" if precision == "float16" else f"convert ({precision}){size}"):
-                program = to_program(traced, inputs, outputs, spec.float32_features, precision, p.target)
+                program = to_program(traced, inputs, outputs, spec.float32_features, precision, target)
                 del module, traced
                 programs.append((function, program, take_slots(program, stand_ins)))
                 gc.collect()
@@ -402,7 +410,7 @@ def _build(p: Plan, spec: ComponentSpec, functions, destination: Path, precision
                 if compression is None:
                     return
                 consts = _weight_consts(p, spec, program, names[0], bits)
-                entry.update(preset=compression.name, bytes_before=program_weight_bytes(program), deployment_target=p.target,
+                entry.update(preset=compression.name, bytes_before=program_weight_bytes(program), deployment_target=target,
                              bits=compression.bits if bits is None else _average(program, consts))
                 with progress.stage(spec.cli_name, f"compress ({compression.name})"):
                     compress_program(program, compression, consts)
@@ -417,10 +425,10 @@ def _build(p: Plan, spec: ComponentSpec, functions, destination: Path, precision
             }
             description = f"{spec.description} ({p.source.id})"
             if len(functions) == 1:
-                mlmodel = finish(program, *functions[0][1:], metadata, description, compress, p.target)
+                mlmodel = finish(program, *functions[0][1:], metadata, description, compress, target)
             else:
                 mlmodel = finish_functions([(f, prog, *io) for (f, prog, _), (_, *io) in zip(programs, functions)],
-                                           metadata, description, compress, p.target)
+                                           metadata, description, compress, target)
         del program, programs
         gc.collect()
         with progress.stage(spec.cli_name, "save"):
@@ -510,7 +518,7 @@ def convert_component(p: Plan, spec: ComponentSpec, writer: BundleWriter, progre
         "compiled": compiled,
         "precision": precision,
         "compression": stats,
-        "deployment_target": p.target,
+        "deployment_target": p.target_of(functions),
         "inputs": {s.name: s.as_dict() for s in functions[0][1]},
         "outputs": {s.name: s.as_dict() for s in functions[0][2]},
     }

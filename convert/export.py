@@ -463,7 +463,11 @@ def finish_functions(functions: list[tuple[str, Any, list[TensorSpec], list[Tens
         _describe_features(function.input, inputs)
         _describe_features(function.output, outputs)
     described = ct.models.MLModel(spec, weights_dir=model.weights_dir, skip_model_load=True)
-    return _describe(described, [], [], metadata, description)
+    # What ct.convert records of every model it writes (coremltools' version, the source, the date),
+    # as the one-size packages carry it.
+    from coremltools.converters._converters_entry import _record_build_metadata
+
+    return _describe(_record_build_metadata(described, "milinternal"), [], [], metadata, description)
 
 
 # The Core ML specification version of each deployment target's opset.

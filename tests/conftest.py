@@ -154,8 +154,9 @@ TINY_V2_CHUNK = 24
 @pytest.fixture(scope="session")
 def tiny_bundle(shared_dir: Path, request: pytest.FixtureRequest):
     """Factory: ``tiny_bundle(family="sd1", attention="split-einsum", **options) -> Path``, family
-    one of sd1, sd2, sdxl, sdxl-refiner, sdxl-turbo (a compressed bundle is converted over the
-    uncompressed one, reusing its VAE; sdxl-turbo over the base, reusing every model); each
+    one of sd1, sd2, sdxl, sdxl-refiner, sdxl-turbo (a compressed or several-size bundle is
+    converted over the plain one, reusing its VAE or text encoder; sdxl-turbo over the base,
+    reusing every model); each
     distinct request is converted once per session. Read-only: copy before changing anything."""
     from coreml_sd.convert.converter import ConvertOptions, Progress, convert
     from coreml_sd.convert.source import open_source
@@ -169,7 +170,7 @@ def tiny_bundle(shared_dir: Path, request: pytest.FixtureRequest):
 
         def build(target: Path) -> None:
             target.mkdir()
-            if family == "sdxl-turbo" or "compress" in options:
+            if family == "sdxl-turbo" or "compress" in options or "sizes" in options:
                 # Over a copy of the bundle these models share (the base's; the uncompressed one):
                 # its unchanged models are reused, not reconverted, as `convert --overwrite` does.
                 base = get("sdxl", attention, **options) if family == "sdxl-turbo" else get(family, attention)
