@@ -148,3 +148,62 @@ def test_sizes_with_compression_share_the_compressed_weights(sized, tiny_bundle,
         feeds["timestep"] = np.full(theirs.inputs["timestep"].shape, 500.0, np.float32)
         got, want = ours.predict(feeds)["noise_pred"], theirs.predict(feeds)["noise_pred"]
         assert np.isfinite(got).all() and psnr(got, want) >= 25, (h, w, psnr(got, want))
+
+
+@pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for h, w in SIZES])
+def test_each_size_generates_what_diffusers_does_at_that_size(size, sized, tiny_sd1_dir, tmp_path):
+    """``generate --width W --height H`` on the several-size bundle (split-einsum-v2: each size's
+    queries chunked, none a multiple of the chunk) against diffusers' pipeline at that size, same
+    weights, seed and scheduler: >= 30 dB (float16 programs against float32 torch), and the PNG's
+    parameters say the size."""
+    import torch
+
+    from coreml_sd.benchmarks.metrics import psnr
+    from coreml_sd.runtime.image import read_parameters
+    from helpers import pixels
+
+    from ..runtime.test_generate import PROMPT, reference_pipeline
+
+    h, w = size
+    result = CliRunner().invoke(main, ["generate", PROMPT, "--bundle", str(sized), "--width", str(w), "--height", str(h),
+                                       "--seed", "42", "--steps", "6", "--scheduler", "euler", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    [png] = result.stdout.split()
+    ref = reference_pipeline("StableDiffusionPipeline", tiny_sd1_dir, "euler")
+    want = ref(PROMPT, height=h, width=w, num_inference_steps=6, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(42)).images[0]
+    assert pixels(png).shape == (h, w, 3)
+    assert psnr(pixels(png), pixels(want), peak=255) >= 30
+    assert f"Size: {w}x{h}" in read_parameters(png)
+
+
+def test_image_to_image_at_another_size_uses_that_size_encoder(sized, tiny_sd1_dir, tmp_path):
+    """img2img at the portrait size: the VAE encoder's function of that size, against diffusers'
+    image-to-image pipeline on the same init image."""
+    import torch
+    from PIL import Image
+
+    from coreml_sd.benchmarks.metrics import psnr
+    from helpers import pixels
+
+    from ..runtime.test_generate import PROMPT, reference_pipeline
+
+    h, w = SIZES[1]
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(init)
+    result = CliRunner().invoke(main, ["generate", PROMPT, "--bundle", str(sized), "--width", str(w), "--height", str(h),
+                                       "--seed", "7", "--steps", "6", "--scheduler", "ddim", "--init-image", str(init),
+                                       "--strength", "0.6", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    [png] = result.stdout.split()
+    ref = reference_pipeline("StableDiffusionImg2ImgPipeline", tiny_sd1_dir, "ddim")
+    want = ref(PROMPT, image=Image.open(init), strength=0.6, num_inference_steps=6, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(7)).images[0]
+    assert psnr(pixels(png), pixels(want), peak=255) >= 30
+
+
+def test_a_size_the_bundle_lacks_is_refused_listing_its_sizes(sized, tmp_path):
+    result = CliRunner().invoke(main, ["generate", "a cat", "--bundle", str(sized), "--width", "96", "--height", "96",
+                                       "-o", str(tmp_path)])
+    one_line_error(result, "96x96", "64x64, 64x80, 96x64")
+    assert not list(tmp_path.iterdir())
