@@ -19,6 +19,16 @@ from PIL import Image
 # The families the tiny models come in (the tiny_sd1_dir / tiny_sd2_dir fixtures of conftest.py).
 FAMILIES = ("sd1", "sd2")
 
+# (height, width) of the tiny multi-size bundle (conftest.py's tiny_sizes_bundle), its default
+# first: not the tiny models' native 64x64, so that a reader falling back to that size shows.
+# Sides are multiples of 16 (the VAE's 8 times the tiny UNet's 2).
+TINY_SIZES = ((48, 64), (64, 64))
+
+
+def size_function(height: int, width: int) -> str:
+    """The function of a multifunction package that takes (height, width) images: "size_{W}x{H}"."""
+    return f"size_{width}x{height}"
+
 
 def one_line_error(result, *fragments: str) -> None:
     """A click ``CliRunner`` result that failed with one ``Error: ...`` line as the last line of

@@ -3,6 +3,7 @@
     model = load_model("bundle/Unet.mlpackage", backend="mil")
     model.inputs["sample"]            # TensorDescription(name, shape, dtype), read from the package
     outputs = model.predict({"sample": x, "timestep": t, "encoder_hidden_states": c})
+    load_model("bundle/Unet.mlpackage", function="size_512x768")   # one function of a multifunction package
 
 ``coreml`` (macOS only) runs the model with Core ML on the chosen compute units; ``mil`` (any OS)
 executes the package's ML program op by op (see ``mil.py``). ``predict`` takes a mapping of input
@@ -13,6 +14,11 @@ name to numpy array and returns one of output name to array:
   one-line ``BackendError`` naming the input and what the model takes;
 - float outputs come back as float32 from both backends, whatever the program declares (a
   float16 output keeps its float16-rounded values); integer outputs as int32.
+
+A multifunction package (one function per image size, sharing weights; spec version 9) is one
+model per function: ``function`` names it, None takes the package's default function (the
+bundle's first size), so a caller unaware of functions gets what Apple's Swift package gets. A
+single-function package has only its ``main``.
 
 coremltools is imported through ``coreml_sd.system.import_coremltools()``, never directly: off
 macOS its import logs lines about the missing Core ML binding, which are noise there.
@@ -59,8 +65,33 @@ class Model(Protocol):
         ...
 
 
-def describe(spec) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
-    """Input and output descriptions from a Core ML model spec (protobuf)."""
+def functions(spec) -> tuple[str, ...]:
+    """The functions a multifunction model spec describes, default first; () for a
+    single-function one (whose I/O is ``spec.description.input``/``output``)."""
+    names = [f.name for f in spec.description.functions]
+    default = spec.description.defaultFunctionName
+    return tuple(sorted(names, key=lambda n: n != default))
+
+
+def function_name(spec, function: str | None = None) -> str | None:
+    """The function ``function`` selects in ``spec``: itself, or (None) the default function of a
+    multifunction spec; None for a single-function spec. An unknown name is a one-line
+    ``BackendError`` listing what the model has."""
+    names = functions(spec)
+    if not names:
+        if function not in (None, "main"):
+            raise BackendError(f"no function {function!r}: it is a single-function model (one image size), "
+                               "load it without one")
+        return None
+    chosen = function or spec.description.defaultFunctionName or names[0]
+    if chosen not in names:
+        raise BackendError(f"no function {chosen!r}; it has {', '.join(names)}")
+    return chosen
+
+
+def describe(spec, function: str | None = None) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
+    """Input and output descriptions from a Core ML model spec (protobuf): of ``function`` in a
+    multifunction spec (None: its default function), whose top-level description is empty."""
     import_coremltools()
     from coremltools.proto import FeatureTypes_pb2 as ft
 
@@ -82,7 +113,9 @@ def describe(spec) -> tuple[dict[str, TensorDescription], dict[str, TensorDescri
             out[f.name] = TensorDescription(f.name, tuple(int(d) for d in arr.shape), names[arr.dataType])
         return out
 
-    return table(spec.description.input), table(spec.description.output)
+    chosen = function_name(spec, function)
+    where = spec.description if chosen is None else next(f for f in spec.description.functions if f.name == chosen)
+    return table(where.input), table(where.output)
 
 
 def compiled_metadata(path: Path) -> dict[str, Any]:
@@ -97,12 +130,27 @@ def compiled_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
-def compiled_schema(path: Path) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
+def compiled_schema(
+    path: Path, function: str | None = None
+) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
     """Descriptions of a compiled ``.mlmodelc`` from its ``metadata.json`` (written by the Core ML
     compiler: ``inputSchema``/``outputSchema`` entries with name, dataType and a shape string
-    such as "[2, 4, 64, 64]")."""
+    such as "[2, 4, 64, 64]").
+
+    ``function`` (a multifunction model's): how its ``metadata.json`` lays out each function's
+    schema is not known here (no Core ML compiler off macOS to write one), so they come from the
+    ``.mlpackage`` it was compiled from, beside it under the same name, when present; else a
+    one-line ``BackendError``. Callers holding a bundle manifest pass its per-function entry
+    instead (``load_model(schema=...)``)."""
     import json
 
+    path = Path(path)
+    if function is not None:
+        package = path.with_suffix(".mlpackage")
+        if package.is_dir():
+            return describe_model(package, function)
+        raise BackendError(f"{path.name}: the inputs of its function {function!r} are unknown without "
+                           f"{package.name} beside it; keep the bundle's .mlpackage files with the compiled models")
     try:
         meta = compiled_metadata(path)
         types = {"Float16": "float16", "Float32": "float32", "Double": "float64", "Int32": "int32"}
@@ -121,12 +169,37 @@ def compiled_schema(path: Path) -> tuple[dict[str, TensorDescription], dict[str,
         raise BackendError(f"{path}: unreadable metadata.json ({exc}); recompile the model") from None
 
 
-def describe_model(path: Path) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
-    """Input/output descriptions of a ``.mlpackage`` or ``.mlmodelc`` without loading it."""
+def describe_model(
+    path: Path, function: str | None = None
+) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
+    """Input/output descriptions of a ``.mlpackage`` or ``.mlmodelc`` without loading it: of
+    ``function`` in a multifunction model (None: its default function)."""
     path = Path(path)
     if path.suffix == ".mlmodelc":
-        return compiled_schema(path)
-    return describe(load_spec(path))
+        return compiled_schema(path, function)
+    spec = load_spec(path)
+    try:
+        return describe(spec, function)
+    except BackendError as exc:
+        raise BackendError(f"{path.name}: {exc}") from None
+
+
+def schema_from_manifest(
+    entry: Mapping[str, Any],
+) -> tuple[dict[str, TensorDescription], dict[str, TensorDescription]]:
+    """Descriptions as a bundle manifest records a model's (or one function's) I/O:
+    ``{"inputs": {name: {"shape": [...], "dtype": "float32"}}, "outputs": {...}}``. Raises
+    ``KeyError``/``TypeError``/``ValueError`` when malformed."""
+
+    def table(features: Mapping[str, Any]) -> dict[str, TensorDescription]:
+        out = {}
+        for name, feature in features.items():
+            if feature["dtype"] not in _DTYPES:
+                raise ValueError(f"dtype {feature['dtype']!r}")
+            out[name] = TensorDescription(name, tuple(int(d) for d in feature["shape"]), feature["dtype"])
+        return out
+
+    return table(entry["inputs"]), table(entry["outputs"])
 
 
 def load_spec(path: Path):
@@ -242,9 +315,14 @@ def load_model(
     backend: str = "auto",
     compute_units: str = "CPU_AND_NE",
     precision: str | None = None,
+    function: str | None = None,
+    schema: tuple[dict[str, TensorDescription], dict[str, TensorDescription]] | None = None,
 ) -> Model:
     """Load a ``.mlpackage`` (either backend) or a compiled ``.mlmodelc`` (``coreml`` only).
 
+    ``function``: which function of a multifunction package to run (None: its default); only
+    that one is loaded. ``schema`` (coreml only): the model's (inputs, outputs) as the bundle's
+    manifest records them, for a compiled multifunction model (see ``compiled_schema``).
     ``precision="float32"`` (mil only) keeps activations in float32 where the program declares
     float16: for debugging a float16 overflow, never what a device does.
     """
@@ -259,9 +337,9 @@ def load_model(
         require("mil")
         from .mil import MILModel
 
-        return MILModel(path, precision=precision)
+        return MILModel(path, precision=precision, function=function)
     if precision is not None:
         raise BackendError("a precision override exists for the mil backend only")
     from .coreml import CoreMLModel
 
-    return CoreMLModel(path, compute_units=compute_units)
+    return CoreMLModel(path, compute_units=compute_units, function=function, schema=schema)

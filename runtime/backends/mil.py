@@ -16,6 +16,10 @@ into tensors, compressed weights decompressed, every op matched to a kernel, eac
 last use recorded so activations are freed as soon as possible), and an op without a kernel
 raises ``BackendError`` naming the op and the package, as does a damaged package.
 
+A multifunction package (one function per image size) runs one function: ``function``, or its
+default. Only that function is read: coremltools' loader builds every function of the program,
+each with its own copy of the weights they share, so the others are dropped from the spec first.
+
 Attention is executed fused (``mil_fuse``) by ``predict``; ``find_nonfinite`` runs the same
 program op by op so that it can name the op where a float16 overflow starts.
 """
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 
 from ...system import import_coremltools
-from . import BackendError, check_inputs, describe, load_spec, mil_fuse, output_array
+from . import BackendError, check_inputs, describe, function_name, load_spec, mil_fuse, output_array
 from .mil_ops import KERNELS
 
 # uint16 (iOS 17 argmax/argmin indices) is held as int32: torch's uint16 lacks most kernels, and
@@ -69,7 +73,8 @@ def _constant(value: Any) -> Any:
 
 
 class MILModel:
-    def __init__(self, path: Path, precision: str | None = None, fuse_attention: bool = True):
+    def __init__(self, path: Path, precision: str | None = None, fuse_attention: bool = True,
+                 function: str | None = None):
         if precision not in (None, "float16", "float32"):
             raise BackendError(f"precision {precision!r}: use float16 (as declared) or float32")
         self.path = Path(path)
@@ -80,20 +85,34 @@ class MILModel:
         spec = load_spec(self.path)
         if spec.WhichOneof("Type") != "mlProgram":
             raise BackendError(f"{self.path.name}: not an ML program (the mil backend runs ML programs only)")
-        self.inputs, self.outputs = describe(spec)
+        try:
+            self.function = function_name(spec, function)  # None: a single-function package's main
+            self.inputs, self.outputs = describe(spec, self.function)
+        except BackendError as exc:
+            raise BackendError(f"{self.path.name}: {exc}") from None
         self.precision = precision or "float16"
         self.fuse_attention = fuse_attention
-        function = self._main(spec)
-        self._ops = self._plan(function)  # op by op, as the program lists them
-        outputs = {v.name for v in function.outputs}
+        program_function = self._read(spec, self.function or "main")
+        self._ops = self._plan(program_function)  # op by op, as the program lists them
+        outputs = {v.name for v in program_function.outputs}
         self._steps = self._fused(self._ops, outputs) if fuse_attention else self._ops
         self._free = _last_uses(self._steps, outputs)
 
-    def _main(self, spec):
-        """The program's ``main`` function, read with its weights."""
+    def _read(self, spec, name: str):
+        """The program's function ``name``, read with its weights, and nothing else: the other
+        functions are removed from ``spec`` (this model's own copy) before the loader sees them."""
         import_coremltools()
         from coremltools.converters.mil.frontend.milproto import load as mil_load
 
+        held = sorted(spec.mlProgram.functions)
+        if name not in held:
+            what = "'main' function" if name == "main" else f"function {name!r}, which its description names"
+            raise BackendError(
+                f"{self.path}: its program has no {what} (it has: {', '.join(held) or 'none'}); re-convert it"
+            )
+        for other in held:
+            if other != name:
+                del spec.mlProgram.functions[other]
         weights = self.path / "Data" / "com.apple.CoreML" / "weights"
         try:  # a truncated weight.bin fails here (numpy "index out of bounds", storage reader errors)
             program = mil_load.load(spec, specification_version=spec.specificationVersion, file_weights_dir=str(weights))
@@ -102,12 +121,7 @@ class MILModel:
                 f"{self.path}: its program or weights cannot be read ({exc}); "
                 "the package is damaged, re-convert it (or download it again)"
             ) from None
-        if "main" not in program.functions:
-            names = ", ".join(sorted(program.functions)) or "none"
-            raise BackendError(
-                f"{self.path}: its program has no 'main' function (it has: {names}); re-convert it as a single-function package"
-            )
-        function = program.functions["main"]
+        function = program.functions[name]
         if any(op.op_type.startswith("constexpr_") for op in function.operations):
             self._decompress(program)
         return function
