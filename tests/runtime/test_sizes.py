@@ -85,7 +85,7 @@ def test_generate_at_each_size_is_the_single_size_bundle(tiny_sizes_bundle, tiny
     for (h, w), options in ((FIRST, []), (OTHER, ["--width", str(OTHER[1]), "--height", str(OTHER[0])])):
         pngs = {}
         for kind, bundle in (("multi", tiny_sizes_bundle), ("single", tiny_sized(h, w))):
-            result = CliRunner().invoke(main, ["generate", PROMPT, "--bundle", str(bundle), "--seed", "4", "--steps", "2",
+            result = CliRunner().invoke(main, ["generate", PROMPT, "--bundle", str(bundle), "--seed", "4", "--steps", "1",
                                                "--backend", "mil", "-o", str(tmp_path / f"{kind}-{w}x{h}"), *options])
             assert result.exit_code == 0, result.output
             [pngs[kind]] = result.stdout.split()
@@ -104,16 +104,16 @@ def test_a_pipeline_switches_sizes(tiny_sizes_bundle, tiny_sized):
     assert pipe.sizes == TINY_SIZES
     assert pipe.slots["Unet"].model.function == size_function(*FIRST)  # loaded on construction
     encoder = pipe.slots["TextEncoder"].model
-    first = pipe(PROMPT, steps=2, seed=8)
+    first = pipe(PROMPT, steps=1, seed=8)
     assert first.timings.load == 0.0 and first.images[0].size == (FIRST[1], FIRST[0])
-    other = pipe(PROMPT, steps=2, seed=8, height=OTHER[0], width=OTHER[1])
+    other = pipe(PROMPT, steps=1, seed=8, height=OTHER[0], width=OTHER[1])
     assert other.timings.load > 0 and other.images[0].size == (OTHER[1], OTHER[0])
     assert (other.parameters[0].width, other.parameters[0].height) == (OTHER[1], OTHER[0])
     assert pipe.slots["Unet"].model.function == pipe.slots["VAEDecoder"].model.function == size_function(*OTHER)
     assert pipe.slots["TextEncoder"].model is encoder
-    single = Pipeline.from_bundle(tiny_sized(*OTHER), backend="mil")(PROMPT, steps=2, seed=8)
+    single = Pipeline.from_bundle(tiny_sized(*OTHER), backend="mil")(PROMPT, steps=1, seed=8)
     np.testing.assert_array_equal(pixels(other)[0], pixels(single)[0])
-    again = pipe(PROMPT, steps=2, seed=8)  # back to the first size
+    again = pipe(PROMPT, steps=1, seed=8)  # back to the first size
     np.testing.assert_array_equal(pixels(again)[0], pixels(first)[0])
 
 
