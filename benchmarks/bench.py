@@ -1,8 +1,9 @@
 """The benchmark harness behind ``coreml-sd bench``.
 
-Each compute unit is measured in a child process of its own: its first model load is truly
-cold, its peak memory is its own, and a configuration that crashes or runs out of memory is
-recorded as failed (with the reason) while the others still run. The child imports the backend
+Each compute unit (at each image size asked for, where a bundle has several) is measured in a
+child process of its own: its first model load is truly cold, its peak memory is its own, and a
+configuration that crashes or runs out of memory is recorded as failed (with the reason) while
+the others still run. The child imports the backend
 first (timed apart as ``import_s``), then times every stage through the pipeline's own timings;
 the parent checks the bundle before measuring, reads the machine and its conditions (before and
 after), adds software and bundle descriptions and returns one record (see schema.py and
@@ -66,14 +67,17 @@ def import_backend(backend: str) -> float:
 
 
 def measure(bundle_path: str, backend: str, compute_units: str, steps: int, runs: int, warmup: int,
-            scheduler: str, measure_energy: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """One configuration, in this process (the child)."""
-    tag = f"[{backend} {compute_units}]"
+            scheduler: str, measure_energy: bool, log: Callable[[str], None], size: tuple[int, int] | None = None,
+            tag: str | None = None) -> dict[str, Any]:
+    """One configuration, in this process (the child): at ``size`` (height, width; None: the
+    bundle's first), whose UNet and VAE functions are the ones loaded, cold and warm."""
+    tag = tag or f"[{backend} {compute_units}]"
     import_s = import_backend(backend)
     from ..runtime.pipeline import Pipeline
     from ..runtime.request import check_setup
 
     bundle = open_bundle(bundle_path)  # hash verification happens here, outside the load timings
+    bundle = bundle.at(*size) if size is not None else bundle
     check_setup(bundle, backend, purpose="bench")
     t = time.perf_counter()
     Pipeline(bundle, backend, compute_units, reduce_memory=False)
@@ -124,9 +128,12 @@ def measure(bundle_path: str, backend: str, compute_units: str, steps: int, runs
     # Wait for the sample that covers the end of the last measured loop before stopping.
     samples = sampler.stop(until=windows[-1][1]) if sampler is not None else None
     denoise = statistics.median(m["denoise_s"] for m in measured)
+    height, width = bundle.image_size
     record: dict[str, Any] = {
         "compute_units": compute_units,
         "backend": backend,
+        "width": width,
+        "height": height,
         "status": "ok",
         "error": None,
         "import_s": round(import_s, 3),
@@ -191,8 +198,9 @@ def _child(args: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
         else:
             # The child's last line is the exception ("pkg.module.SomeError: message"): keep the message.
             reason = re.sub(r"^[\w.]*(Error|Exception): ", "", tail[-1]) if tail else f"exit status {code}"
-        log(f"[{args['backend']} {args['compute_units']}] failed: {reason}")
-        return {"compute_units": args["compute_units"], "backend": args["backend"], "status": "failed", "error": reason}
+        log(f"{args['tag']} failed: {reason}")
+        return {"compute_units": args["compute_units"], "backend": args["backend"], "width": args["size"][1],
+                "height": args["size"][0], "status": "failed", "error": reason}
 
 
 def _compression(entry: Any) -> str | None:
@@ -231,8 +239,9 @@ def software() -> dict[str, str]:
 
 def run_bench(bundle: str, compute_units: list[str] | None, backend: str, steps: int, runs: int, warmup: int,
               scheduler: str = SCHEDULER, measure_energy: bool | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every configuration asked for (None: all this backend has) and return the record.
+              log: Callable[[str], None] = print, sizes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """Measure every configuration asked for (compute units, None: all this backend has; times
+    ``sizes``, (height, width) each, None: the bundle's first) and return the record.
 
     Raises ``BackendError``/``BundleError``/``GenerationError`` before measuring anything when
     the backend or the bundle cannot serve. Ctrl-C stops the measurement: the record then holds
@@ -245,6 +254,9 @@ def run_bench(bundle: str, compute_units: list[str] | None, backend: str, steps:
     from ..runtime.request import check_setup
 
     check_setup(opened, backend, purpose="bench")
+    sizes = list(dict.fromkeys(sizes or [opened.image_size]))
+    for size in sizes:
+        opened.at(*size)  # BundleError listing the bundle's sizes
     if backend == "mil":
         asked = [u for u in compute_units or [] if u != "CPU_ONLY"]
         if asked:
@@ -264,10 +276,13 @@ def run_bench(bundle: str, compute_units: list[str] | None, backend: str, steps:
     interrupted = False
     try:
         for units in compute_units:
-            log(f"[{backend} {units}] starting: {warmup} warm-up + {runs} runs of {steps} steps")
-            results.append(_child({"bundle": str(opened.path.resolve()), "backend": backend, "compute_units": units,
-                                   "steps": steps, "runs": runs, "warmup": warmup, "scheduler": scheduler,
-                                   "energy": measure_energy}, log))
+            for h, w in sizes:
+                # The size shows in the progress lines when several are measured.
+                tag = f"[{backend} {units}" + (f" {w}x{h}]" if len(sizes) > 1 else "]")
+                log(f"{tag} starting: {warmup} warm-up + {runs} runs of {steps} steps")
+                results.append(_child({"bundle": str(opened.path.resolve()), "backend": backend, "compute_units": units,
+                                       "size": [h, w], "tag": tag, "steps": steps, "runs": runs, "warmup": warmup,
+                                       "scheduler": scheduler, "energy": measure_energy}, log))
     except KeyboardInterrupt:
         interrupted = True
     return {
@@ -332,7 +347,8 @@ def _main() -> None:
     if args["compute_units"] not in COMPUTE_UNITS:
         raise SystemExit(f"unknown compute units {args['compute_units']}")
     result = measure(args["bundle"], args["backend"], args["compute_units"], args["steps"], args["runs"],
-                     args["warmup"], args["scheduler"], args["energy"], lambda line: print(line, file=sys.stderr, flush=True))
+                     args["warmup"], args["scheduler"], args["energy"], lambda line: print(line, file=sys.stderr, flush=True),
+                     size=tuple(args["size"]), tag=args["tag"])
     Path(args["out"]).write_text(json.dumps(result))
 
 

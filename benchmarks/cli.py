@@ -26,6 +26,19 @@ def _units(ctx, param, value: str | None) -> list[str] | None:
     return units
 
 
+def _sizes(ctx, param, value: str | None) -> list[tuple[int, int]] | None:
+    """"WxH[,WxH...]" as (height, width) pairs; None: the bundle's first size."""
+    if value is None:
+        return None
+    sizes = []
+    for part in value.lower().replace(" ", "").split(","):
+        sides = part.split("x")
+        if len(sides) != 2 or not all(side.isdigit() and int(side) > 0 for side in sides):
+            raise click.BadParameter(f"{part!r} is not WIDTHxHEIGHT in pixels; give sizes such as 512x512,768x512")
+        sizes.append((int(sides[1]), int(sides[0])))
+    return sizes
+
+
 def _cannot_write(path: Path) -> str | None:
     """Why a file cannot be created at ``path`` (its folder may not exist yet), or None."""
     ancestor = path.parent.absolute()
@@ -94,11 +107,13 @@ def _write(path: Path, data: bytes, option: str) -> None:
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(1), help="Measured runs per configuration.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Unmeasured runs first.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--sizes", callback=_sizes, metavar="WxH[,WxH...]",
+              help="Image sizes to time, each one of the bundle's (default: its first).")
 @click.option("--energy/--no-energy", default=None,
               help="Measure energy with powermetrics (default: when run with sudo on macOS).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Record to write (JSON).")
-def bench(bundle, units, steps, runs, warmup, backend, energy, out):
-    """Time every stage of generation with a bundle, per compute unit, into one JSON record."""
+def bench(bundle, units, steps, runs, warmup, backend, sizes, energy, out):
+    """Time every stage of generation with a bundle, per compute unit and size, into one JSON record."""
     from ..runtime.backends import BackendError
     from ..runtime.bundle import BundleError
     from ..runtime.request import GenerationError
@@ -110,7 +125,7 @@ def bench(bundle, units, steps, runs, warmup, backend, energy, out):
         raise click.ClickException(f"cannot write {out}: {why}; choose another -o")
     try:
         record = run_bench(str(bundle), units, backend, steps, runs, warmup, measure_energy=energy,
-                           log=lambda line: click.echo(line, err=True))
+                           log=lambda line: click.echo(line, err=True), sizes=sizes)
     except (BundleError, BackendError, GenerationError) as exc:
         raise click.ClickException(str(exc)) from None
     if record["interrupted"] and not record["results"]:
@@ -123,11 +138,13 @@ def bench(bundle, units, steps, runs, warmup, backend, energy, out):
     except OSError as exc:
         raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
     ok = [r for r in record["results"] if r["status"] == "ok"]
+    several = len(set(sizes or [])) > 1  # then each line names its size
     for r in ok:
-        click.echo(f"{r['backend']} {r['compute_units']}: {r['end_to_end_s']:.2f}s end to end, "
+        size = f" {r['width']}x{r['height']}" if several else ""
+        click.echo(f"{r['backend']} {r['compute_units']}{size}: {r['end_to_end_s']:.2f}s end to end, "
                    f"{r['iterations_per_second']:.2f} it/s", err=True)
     if record["interrupted"]:
-        done = ", ".join(r["compute_units"] for r in record["results"])
+        done = ", ".join(r["compute_units"] + (f" {r['width']}x{r['height']}" if several else "") for r in record["results"])
         click.echo(f"interrupted: wrote the finished configuration(s) ({done}) to {out}, marked interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     click.echo(str(out))

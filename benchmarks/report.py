@@ -80,7 +80,8 @@ def _power(record: dict) -> str | None:
 
 def _row(path: Path, record: dict, result: dict) -> dict[str, Any]:
     bundle = record["bundle"]
-    h, w = bundle["image_size"]
+    # Since schema 3 each result carries the size it generated; before, the bundle had one.
+    h, w = (result["height"], result["width"]) if "width" in result else bundle["image_size"]
     return {
         "chip": record["machine"]["chip"] or "unknown chip",
         "system": system_label(record["machine"], _power(record)),

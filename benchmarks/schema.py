@@ -1,8 +1,8 @@
 """The benchmark record: what ``coreml-sd bench`` writes and ``coreml-sd report`` reads.
 
 One JSON object per run of bench, documented field by field in benchmarks/README.md and declared
-below as TypedDicts: ``Record`` (version 2, written now) and ``RecordV1`` (the first records, still
-read). ``validate`` checks a parsed record against the declaration of its version and returns the
+below as TypedDicts: ``Record`` (version 3, written now), ``RecordV2`` and ``RecordV1`` (earlier
+records, still read). ``validate`` checks a parsed record against the declaration of its version and returns the
 problems (path and what is wrong); ``load_record`` raises ``RecordError`` naming the file.
 
 Every declared key is required; a record may carry more (readers ignore what they do not know).
@@ -17,12 +17,12 @@ from itertools import repeat
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypedDict, Union, get_args, get_origin, get_type_hints, is_typeddict
 
-SCHEMA_VERSION = 2  # what bench writes; SCHEMAS (below) holds every version read
+SCHEMA_VERSION = 3  # what bench writes; SCHEMAS (below) holds every version read
 NON_EMPTY = "non-empty"  # Annotated[list[X], NON_EMPTY]: a list of at least one X
 
-# ------------------------------------------------------------------ version 2 (written now)
+# ------------------------------------------------------------------ version 3 (written now)
 # Each object as it looks in JSON. Those that differ between the versions are classes built on
-# what both versions share (Machine, _ResultOkCommon, _RecordCommon), so the difference shows.
+# what the versions share (Machine, _ResultOkCommon, _RecordCommon, ...), so the difference shows.
 
 class Tool(TypedDict):
     name: str
@@ -114,18 +114,38 @@ class _RecordCommon(TypedDict):
     settings: Settings
 
 
-class ResultOk(_ResultOkCommon):
+class ResultOkV2(_ResultOkCommon):
     import_s: float
     energy: Energy | None
     thermal_pressure: list[str] | None
-
-
-class Record(_RecordCommon):
-    schema_version: Literal[2]
+class _RecordV2Common(_RecordCommon):
     machine: Machine
     conditions: Conditions
     interrupted: bool
-    results: Annotated[list[ResultOk | ResultFailed], NON_EMPTY]
+class _Size(TypedDict):
+    width: int  # pixels: the size this configuration generated (a bundle may have several)
+    height: int
+
+
+class ResultOk(ResultOkV2, _Size):
+    pass
+
+
+class ResultFailedSized(ResultFailed, _Size):
+    pass
+
+
+class Record(_RecordV2Common):
+    schema_version: Literal[3]
+    results: Annotated[list[ResultOk | ResultFailedSized], NON_EMPTY]
+
+
+# ------------------------------------------------------------------ version 2 (read only)
+# Differences: results carry no size (each was measured at bundle.image_size, one per compute unit).
+
+class RecordV2(_RecordV2Common):
+    schema_version: Literal[2]
+    results: Annotated[list[ResultOkV2 | ResultFailed], NON_EMPTY]
 
 
 # ------------------------------------------------------------------ version 1 (read only)
@@ -155,7 +175,7 @@ class RecordV1(_RecordCommon):
     results: Annotated[list[ResultOkV1 | ResultFailed], NON_EMPTY]
 
 
-SCHEMAS = {1: RecordV1, 2: Record}
+SCHEMAS = {1: RecordV1, 2: RecordV2, 3: Record}
 
 # ------------------------------------------------------------------ checking a JSON value against a declaration
 
@@ -251,8 +271,8 @@ def validate(record: Any) -> list[str]:
 
 
 def validate_result(result: Any) -> list[str]:
-    """Problems of one entry of a version-2 record's ``results`` (empty when valid)."""
-    return _check(result, ResultOk | ResultFailed, "result")
+    """Problems of one entry of a record's ``results`` as bench writes it now (empty when valid)."""
+    return _check(result, ResultOk | ResultFailedSized, "result")
 
 
 def load_record(path: str | Path) -> dict[str, Any]:

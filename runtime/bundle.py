@@ -76,6 +76,11 @@ class Bundle:
     # SDXL: no negative prompt conditions on zeros instead of an encoded "" (diffusers'
     # ``force_zeros_for_empty_prompt``).
     force_zeros: bool = False
+    # Every size the UNet and VAE models take, (height, width) -> the function of their
+    # multifunction packages that takes it (None: a package's only function), default first as
+    # the manifest lists them; empty: one size, ``image_size`` (Apple's layouts, older bundles).
+    size_functions: dict[tuple[int, int], str | None] = field(default_factory=dict)
+    function: str | None = None  # the function of ``image_size`` (see ``at``)
 
     @property
     def spec(self) -> Family:
@@ -91,6 +96,30 @@ class Bundle:
     def latent_size(self) -> tuple[int, int]:
         scale = self.spec.vae_scale
         return self.image_size[0] // scale, self.image_size[1] // scale
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """The (height, width) pixel sizes this bundle generates, its default (first) first."""
+        return tuple(self.size_functions) or (self.image_size,)
+
+    def at(self, height: int, width: int) -> Bundle:
+        """This bundle at another of its sizes: a copy whose ``image_size`` is (height, width) and
+        whose UNet and VAE models load with that size's function; ``BundleError`` (one line
+        listing its sizes) for a size it was not converted for."""
+        if (height, width) not in self.sizes:
+            if len(self.sizes) == 1:
+                h, w = self.sizes[0]
+                raise BundleError(f"this bundle was converted for {w}x{h} images; re-convert with --width/--height "
+                                  f"to generate {width}x{height}")
+            have = ", ".join(f"{w}x{h}" for h, w in self.sizes)
+            raise BundleError(f"this bundle has no {width}x{height} size: it has {have}; "
+                              "re-convert with --sizes to add one")
+        return dataclasses.replace(self, image_size=(height, width), function=self.size_functions.get((height, width)))
+
+    def function_of(self, component: str) -> str | None:
+        """The function ``component`` loads with at ``image_size``: the size's for the UNet and
+        VAE models, None (their only one) for the text encoders, which take no image size."""
+        return None if component in self.spec.conditioning.models else self.function
 
     def has(self, component: str) -> bool:
         files = self.models.get(component)
@@ -167,6 +196,7 @@ def _open_ours(root: Path, verify: bool) -> Bundle:
                   lambda v: isinstance(v, list) and len(v) == 2 and all(_positive(d) and d % 8 == 0 for d in v),
                   "[height, width] in pixels, multiples of 8")
     family = _field(root, manifest, "family", lambda v: v in FAMILIES, " or ".join(FAMILIES))
+    size_functions = _sizes(root, manifest, (h, w))
     force_zeros = _field(root, manifest, "conditioning.force_zeros_for_empty_prompt", lambda v: isinstance(v, bool),
                          "true or false", required=False)
     return Bundle(
@@ -186,7 +216,30 @@ def _open_ours(root: Path, verify: bool) -> Bundle:
         name=name,
         manifest=manifest,
         force_zeros=FORCE_ZEROS.get(family, False) if force_zeros is None else force_zeros,
+        size_functions=size_functions,
+        function=size_functions.get((h, w)),
     )
+
+
+def _sizes(root: Path, manifest: dict[str, Any], image_size: tuple[int, int]) -> dict[tuple[int, int], str | None]:
+    """The manifest's ``sizes``, (height, width) -> function, first = ``image_size``; empty for
+    one size without a function name, as ``Bundle.size_functions`` holds it (and for a manifest
+    without sizes, converted before several sizes existed)."""
+    def size(v: Any) -> bool:
+        return (isinstance(v, dict) and all(_positive(v.get(k)) and v[k] % 8 == 0 for k in ("height", "width"))
+                and (v.get("function") is None or isinstance(v["function"], str) and v["function"] != ""))
+
+    sizes = _field(root, manifest, "sizes", lambda v: isinstance(v, list) and v and all(size(s) for s in v),
+                   '[{"height", "width", "function"}, ...] in pixels, multiples of 8', required=False)
+    if sizes is None:
+        return {}
+    table = {(s["height"], s["width"]): s.get("function") for s in sizes}
+    functions = [f for f in table.values() if f is not None]
+    if len(table) != len(sizes) or len(set(functions)) != len(functions) or next(iter(table)) != image_size \
+            or (len(table) > 1 and len(functions) != len(table)):
+        raise BundleError(f"{root}: {MANIFEST} field 'sizes' is {_show(sizes)}, expected distinct sizes, each with its "
+                          f"own function, the first the image_size {list(image_size)}; {_RECONVERT}")
+    return {} if table == {image_size: None} else table
 
 
 def _field(root: Path, manifest: dict[str, Any], dotted: str, valid, expected: str, required: bool = True) -> Any:
@@ -340,6 +393,7 @@ def refiner_of(bundle: Bundle) -> Bundle | None:
     scale = SDXL_REFINER.vae_scale
     return dataclasses.replace(
         bundle, family=SDXL_REFINER.name, models=models, image_size=(sample[2] * scale, sample[3] * scale),
+        size_functions={}, function=None,
         unet_batch=sample[0], pad_token=SDXL_REFINER.pad_token, name=_apple_name(bundle.path, models["UnetRefiner"]),
         force_zeros=FORCE_ZEROS[SDXL_REFINER.name],
     )

@@ -4,9 +4,9 @@ Opening a bundle for generation trusts a file whose size and modification time m
 successful check (``bundle.verify_cached``): hashing a 1.6 GB UNet on every run would cost
 seconds. A file changed in place with its size and time put back passes that check; this one
 hashes every file the manifest lists and names each one that is missing or differs. Then it runs
-every model once, through the backend generation would use, on probe inputs shaped as the model
-declares, and names each model whose outputs are not finite (with the mil backend, also the op
-where the overflow starts).
+every model once (the UNet and VAE once per size of a bundle of several), through the backend
+generation would use, on probe inputs shaped as the model declares, and names each model whose
+outputs are not finite (with the mil backend, also the op where the overflow starts).
 
 The probe catches a model broken for any input (damaged weights, a float16 overflow the
 conversion baked in); an overflow that only some prompts or timesteps trigger needs a real
@@ -117,9 +117,9 @@ def _probe_time_ids(shape: tuple[int, ...], sample) -> np.ndarray:
 
 def run_models(bundle, backend: str, skip: set[str], found: Findings, log) -> list[str]:
     """Run each model of ``bundle`` once on probe inputs (except those in ``skip``), recording
-    the ones with non-finite outputs and the ones that fail; the names of the models run."""
-    from .backends import BackendError, ChainedModel, load_model
-
+    the ones with non-finite outputs and the ones that fail; the names of the models run. The
+    UNet and VAE of a bundle of several sizes run once per size (named "Unet size_512x768"):
+    each size is its own function, which a damaged weight or an overflow may break alone."""
     ran = []
     for name, files in bundle.models.items():
         paths = (files.compiled or files.packages) if backend == "coreml" else files.packages
@@ -128,29 +128,40 @@ def run_models(bundle, backend: str, skip: set[str], found: Findings, log) -> li
         if name in skip:
             log(f"{name}: not run, its files are damaged or missing")
             continue
-        log(f"{name}: running once on probe inputs ({backend} backend)")
-        try:
-            chunks = [load_model(p, backend) for p in paths]
-            model = chunks[0] if len(chunks) == 1 else ChainedModel(chunks)
-            feeds = probe_inputs(model.inputs)
-            outputs = model.predict(feeds)
-        except BackendError as exc:
-            found.failed.append(name)
-            log(f"  failed: {exc}")
-            continue
-        ran.append(name)
-        bad = [out for out, value in outputs.items() if not np.isfinite(value).all()]
-        if not bad:
-            log("  outputs finite")
-            continue
-        found.nonfinite.append(name)
-        where = ""
-        if len(chunks) == 1 and hasattr(model, "find_nonfinite"):  # mil: name the op
-            first = model.find_nonfinite(feeds)
-            if first is not None:
-                where = f"; the first op to produce inf/NaN is {first[0]} {first[1]}"
-        log(f"  not finite: output {', '.join(bad)} holds inf or NaN{where}")
+        functions = list(dict.fromkeys(bundle.at(*size).function_of(name) for size in bundle.sizes))
+        for function in functions:
+            label = name if function is None else f"{name} {function}"
+            if _run_model(label, paths, backend, function, found, log):
+                ran.append(label)
     return ran
+
+
+def _run_model(label: str, paths: list[Path], backend: str, function: str | None, found: Findings, log) -> bool:
+    """Run one model (its ``function``) once; False when it could not be loaded or run."""
+    from .backends import BackendError, ChainedModel, load_model
+
+    log(f"{label}: running once on probe inputs ({backend} backend)")
+    try:
+        chunks = [load_model(p, backend, function=function) for p in paths]
+        model = chunks[0] if len(chunks) == 1 else ChainedModel(chunks)
+        feeds = probe_inputs(model.inputs)
+        outputs = model.predict(feeds)
+    except BackendError as exc:
+        found.failed.append(label)
+        log(f"  failed: {exc}")
+        return False
+    bad = [out for out, value in outputs.items() if not np.isfinite(value).all()]
+    if not bad:
+        log("  outputs finite")
+        return True
+    found.nonfinite.append(label)
+    where = ""
+    if len(chunks) == 1 and hasattr(model, "find_nonfinite"):  # mil: name the op
+        first = model.find_nonfinite(feeds)
+        if first is not None:
+            where = f"; the first op to produce inf/NaN is {first[0]} {first[1]}"
+    log(f"  not finite: output {', '.join(bad)} holds inf or NaN{where}")
+    return True
 
 
 def _summary(found: Findings, hashed: int | None, ran: list[str], backend: str | None) -> str:

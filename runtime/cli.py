@@ -85,7 +85,7 @@ def remove_if_empty(folders: list[Path]) -> None:
               "Without any negative prompt, SDXL base conditions the negative branch on zeros, as diffusers does.")
 @click.option("--original-size", callback=_size, metavar="WxH",
               help="SDXL: the size the model is told the image had before resizing, WIDTHxHEIGHT pixels "
-              "as in the PNG's Size field (default: the bundle's size).")
+              "as in the PNG's Size field (default: the image size).")
 @click.option("--crop", callback=_crop, metavar="TOP,LEFT",
               help="SDXL: the top-left corner, in pixels, of the crop the model is told the image is (default: 0,0).")
 @click.option("--refiner", type=click.Path(path_type=Path),
@@ -97,7 +97,7 @@ def remove_if_empty(folders: list[Path]) -> None:
 @click.option("--negative-aesthetic-score", type=float,
               help="SDXL refiner: the aesthetic score of the negative branch (default: 2.5).")
 @click.option("--init-image", type=click.Path(path_type=Path),
-              help="Start from this image (image-to-image). Scaled to the bundle's size keeping its aspect ratio; "
+              help="Start from this image (image-to-image). Scaled to the image size keeping its aspect ratio; "
               "a different aspect ratio is center-cropped, never stretched.")
 @click.option("--strength", default=0.75, show_default=True, type=float, help="How much of the init image to repaint.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
@@ -108,8 +108,8 @@ def remove_if_empty(folders: list[Path]) -> None:
               help="mil backend only: float32 keeps float16 activations in float32 "
               "(to debug an overflow; not what a Mac computes).")
 @click.option("--rng", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True, help="Noise source.")
-@click.option("--height", type=int, help="Must match the bundle (default: its size).")
-@click.option("--width", type=int, help="Must match the bundle (default: its size).")
+@click.option("--height", type=int, help="Image height in pixels: one of the bundle's sizes (default: its first).")
+@click.option("--width", type=int, help="Image width in pixels: one of the bundle's sizes (default: its first).")
 @click.option("-o", "--output", "out", default=Path("."), show_default=True, type=click.Path(path_type=Path),
               help="Folder for the PNG files (created if needed).")
 def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negative_prompt, prompt_2, negative_prompt_2,
@@ -165,10 +165,10 @@ def generate(prompt, bundle, num_images, steps, guidance, scheduler, seed, negat
             warn(f"{option} is ignored: guidance is off at --guidance {guidance:g} (<= 1); "
                  "raise it to use a negative prompt")
     if image is not None:
-        h, w = opened.image_size
+        h, w = request.image_size
         left, upper, right, lower = crop_box(image.size, (w, h))
         if (right - left, lower - upper) != image.size:
-            warn(f"the init image is {image.size[0]}x{image.size[1]}, not the bundle's aspect ratio ({w}x{h}): "
+            warn(f"the init image is {image.size[0]}x{image.size[1]}, not the image's aspect ratio ({w}x{h}): "
                  f"its center {right - left:.0f}x{lower - upper:.0f} is used")
 
     try:

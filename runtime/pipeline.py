@@ -13,6 +13,9 @@
     xl = Pipeline.from_bundle("sdxl-base")                       # SDXL, finished by its refiner
     result = xl("a photo of a cat", seed=42, refiner="sdxl-refiner", refiner_start=0.8)
 
+    pipe.sizes                                                    # ((512, 512), (768, 512)): (height, width)
+    pipe("a photo of a cat", height=768, width=512)               # another size of a multi-size bundle
+
 Requests are checked against the bundle before any model loads (``request.py``). The arithmetic
 follows diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline on CPU (for SDXL its
 StableDiffusionXLPipeline, and its two-pipeline hand-off to StableDiffusionXLImg2ImgPipeline for
@@ -35,7 +38,7 @@ from PIL import Image
 
 from ..families import SDXL_REFINER
 from .backends import ChainedModel, Model, load_model
-from .bundle import Bundle, ModelFiles, open_bundle
+from .bundle import Bundle, BundleError, ModelFiles, open_bundle
 from .conditioning import Encoded, encode_prompt, time_ids, zeros_like
 from .guidance import GuidedUNet
 from .image import Parameters, from_pil, to_pil
@@ -113,7 +116,11 @@ class _Slot:
 class Pipeline:
     """Models of one bundle on one backend. Without ``reduce_memory`` the text encoders, UNet and
     VAE decoder load on construction (``load_time`` seconds) and are reused by every request; with
-    it, each model loads just before use and is released after."""
+    it, each model loads just before use and is released after.
+
+    A bundle of several sizes holds one function per size in its UNet and VAE packages; the
+    pipeline keeps those of one size loaded (the bundle's ``image_size`` at first) and a request
+    for another size releases them and loads its own (``Timings.load`` counts it)."""
 
     def __init__(self, bundle: Bundle, backend: str = "auto", compute_units: str = "CPU_AND_NE", reduce_memory: bool = False,
                  precision: str | None = None):
@@ -132,6 +139,7 @@ class Pipeline:
             for i, use in enumerate(encoders)
         }
         self.slots = {name: _Slot(self, name) for name in bundle.models}
+        self.loaded_size = bundle.image_size  # the size the UNet and VAE slots hold (or will load) models for
         self._refiners: dict[tuple[Path, str], Pipeline] = {}  # refiner pipelines made from bundles, reused
         self.load_time = 0.0  # seconds spent loading on construction
         if not reduce_memory:
@@ -154,13 +162,33 @@ class Pipeline:
         float16 in float32: for finding a float16 overflow, never what a device computes."""
         return cls(open_bundle(path, verify=verify), backend, compute_units, reduce_memory, precision)
 
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """The (height, width) sizes the bundle generates, its default first."""
+        return self.bundle.sizes
+
+    def use_size(self, size: tuple[int, int]) -> Bundle:
+        """The bundle at ``size`` (height, width), one of ``sizes``; the UNet and VAE models of
+        another size are released first (the next use loads this size's function)."""
+        sized, loaded = self.bundle.at(*size), self.bundle.at(*self.loaded_size)
+        for name, slot in self.slots.items():
+            if sized.function_of(name) != loaded.function_of(name):  # text encoders take no size: kept
+                slot.model = None
+        self.loaded_size = size
+        return sized
+
     def _load(self, name: str) -> Model:
-        files: ModelFiles = self.bundle.models[name]
-        check_setup(self.bundle, self.backend, self.precision, names=[name])  # an optional model (VAEEncoder) included
+        bundle = self.bundle.at(*self.loaded_size)
+        files: ModelFiles = bundle.models[name]
+        check_setup(bundle, self.backend, self.precision, names=[name])  # an optional model (VAEEncoder) included
         # compiled models load without a compile step
         paths = (files.compiled or files.packages) if self.backend == "coreml" else files.packages
         units = self.compute_units_for(name)
-        models = [load_model(p, self.backend, units, precision=self.precision) for p in paths]
+        function = bundle.function_of(name)
+        # A compiled multifunction model's I/O as the manifest records it (one entry: not for chunks).
+        schema = _recorded_schema(bundle, name, function) if self.backend == "coreml" and len(paths) == 1 else None
+        models = [load_model(p, self.backend, units, precision=self.precision, function=function, schema=schema)
+                  for p in paths]
         return models[0] if len(models) == 1 else ChainedModel(models)
 
     def compute_units_for(self, name: str) -> str:
@@ -195,6 +223,11 @@ class Pipeline:
         loaded like this pipeline)."""
         if request.init_image is not None:  # a request checked against another bundle
             check_setup(self.bundle, self.backend, self.precision, names=["VAEEncoder"], purpose="image-to-image")
+        if request.image_size is not None:
+            try:
+                self.bundle.at(*request.image_size)
+            except BundleError as exc:
+                raise GenerationError(str(exc)) from None
         if request.refiner is None and refiner is not None:
             raise GenerationError("this request has no refiner; check it with refiner= to use one")
         if request.refiner is not None and refiner is None:
@@ -209,6 +242,7 @@ class Pipeline:
         """The UNet's conditioning inputs of one image (batch 1) for ``request``, text branch and
         (with guidance) negative branch, as this pipeline's model reads them."""
         bundle, conditioning = self.bundle, self.bundle.spec.conditioning
+        target = request.image_size or bundle.image_size
         slots = [self.slots[use.model] for use in conditioning.encoders]
         encoders = {slot.name: slot.get(timings) for slot in slots}
         try:
@@ -221,16 +255,33 @@ class Pipeline:
         finally:
             for slot in slots:
                 slot.release()
-        size = request.original_size or bundle.image_size
-        positive = _with(positive, time_ids(conditioning, size, request.crop, bundle.image_size, request.aesthetic_score))
+        size = request.original_size or target
+        positive = _with(positive, time_ids(conditioning, size, request.crop, target, request.aesthetic_score))
         if negative is not None:
             # As diffusers: the base's negative time ids are the text branch's; the refiner's take
             # the negative aesthetic score and diffusers' default negative crop, (0, 0), whatever
             # the crop (its negative_crops_coords_top_left, which coreml-sd does not expose).
             crop = request.crop if conditioning.time_ids == "size" else (0, 0)
-            negative = _with(negative, time_ids(conditioning, size, crop, bundle.image_size,
-                                                request.negative_aesthetic_score))
+            negative = _with(negative, time_ids(conditioning, size, crop, target, request.negative_aesthetic_score))
         return positive, negative
+
+
+def _recorded_schema(bundle: Bundle, name: str, function: str | None):
+    """A model function's (inputs, outputs) as the bundle's manifest records them, for a compiled
+    multifunction model (whose metadata.json layout per function is not known, see
+    ``backends.compiled_schema``); None where the manifest has no such entry."""
+    from .backends import schema_from_manifest
+
+    if function is None or not bundle.manifest:
+        return None
+    components = bundle.manifest.get("components")
+    component = components.get(name) if isinstance(components, dict) else None
+    functions = component.get("functions") if isinstance(component, dict) else None
+    entry = functions.get(function) if isinstance(functions, dict) else None
+    try:
+        return schema_from_manifest(entry) if entry is not None else None
+    except (KeyError, TypeError, ValueError):
+        return None  # a malformed entry: read the model's own
 
 
 def _with(encoded: Encoded, inputs: dict[str, np.ndarray]) -> Encoded:
@@ -272,6 +323,12 @@ class Generation:
 
     def __init__(self, pipe: Pipeline, request: Request, refiner: Pipeline | None = None):
         self.pipe, self.request, self.refiner = pipe, request, refiner
+        # Its size's UNet and VAE models, on each pipeline (re-asked before each use: another
+        # generation of the same pipeline may have switched it to its own size meanwhile).
+        self.size = request.image_size or pipe.bundle.image_size
+        self.bundle = pipe.use_size(self.size)  # the base bundle at this size
+        if refiner is not None:
+            refiner.use_size(self.size)
         self.n = request.num_images
         self.sched = make_scheduler(pipe.bundle, request.scheduler)
         self.rng = make_rng(request.seed, request.rng)
@@ -301,7 +358,7 @@ class Generation:
 
     def _initial_latents(self) -> None:
         """Schedule and starting latents, drawing noise in the reference pipelines' order."""
-        bundle, request, sched = self.pipe.bundle, self.request, self.sched
+        bundle, request, sched = self.bundle, self.request, self.sched
         sched.set_timesteps(request.steps)
         shape = (self.n, bundle.spec.latent_channels, *bundle.latent_size)
         if request.init_image is None:
@@ -309,6 +366,7 @@ class Generation:
             self.latents = self.rng.randn(shape).astype(np.float32) * np.float32(sched.init_noise_sigma)
         else:
             t = time.perf_counter()
+            self.pipe.use_size(self.size)
             slot = self.pipe.slots["VAEEncoder"]
             moments = slot.get(self.timings).predict({"x": from_pil(request.init_image, bundle.image_size)})["latent"]
             slot.release()
@@ -364,6 +422,7 @@ class Generation:
         total, end = len(self.timesteps), 0
         for phase in self.phases:
             first, end = end, end + len(phase.timesteps)
+            phase.pipe.use_size(self.size)
             slot = phase.pipe.slots[phase.pipe.bundle.unet]
             try:  # however this phase ends (its last step, finish(), an error), it releases its UNet
                 unet = GuidedUNet(slot.get(self.timings), phase.pipe.bundle.unet_batch, phase.cond, phase.uncond,
@@ -406,8 +465,9 @@ class Generation:
         if self._result is not None:
             return self._result
         self._steps.close()  # a paused iteration: release the UNet now
-        bundle, request = self.pipe.bundle, self.request
+        bundle, request = self.bundle, self.request
         t = time.perf_counter()
+        self._last.use_size(self.size)
         slot = self._last.slots["VAEDecoder"]
         decoder = slot.get(self.timings)
         scale = np.float32(1.0 / self._last.bundle.vae_scaling)

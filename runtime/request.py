@@ -50,7 +50,7 @@ class Request:
     scheduler: str | None  # None: the bundle's own
     seed: int
     num_images: int
-    init_image: Image.Image | None  # already fitted to the bundle's image size
+    init_image: Image.Image | None  # already fitted to the image size
     strength: float | None  # img2img only
     rng: str
     # SDXL (see check_request): the second encoder's texts ("": the first's), the micro-conditioning
@@ -63,6 +63,7 @@ class Request:
     negative_aesthetic_score: float = DEFAULT_NEGATIVE_AESTHETIC_SCORE
     refiner: Bundle | None = None  # an SDXL refiner that finishes the base's generation
     refiner_start: float | None = None  # the fraction of the schedule the base denoises (with a refiner)
+    image_size: tuple[int, int] | None = None  # (height, width), one of the bundle's sizes; None: its image_size
 
     @property
     def guided(self) -> bool:
@@ -109,8 +110,10 @@ def check_request(
     refiner_start: float | None = None,
 ) -> Request:
     """Validate a request against ``bundle`` without loading any model: raises ``GenerationError``
-    (one line naming the fix) for anything the bundle cannot serve. Reads the init image (and
-    fits it to the bundle's size, see ``image.fit_image``); a missing seed becomes a random one.
+    (one line naming the fix) for anything the bundle cannot serve. ``height`` and ``width`` pick
+    one of the bundle's sizes (default: its ``image_size``, the first size of a bundle as
+    opened). Reads the init image (and fits it to that size, see ``image.fit_image``); a missing
+    seed becomes a random one.
 
     SDXL only: ``prompt_2`` and ``negative_prompt_2`` for the base's second encoder (default: the
     first's texts); ``original_size`` (height, width; default: the image size) and ``crop`` (top,
@@ -123,11 +126,11 @@ def check_request(
         if value is not None and (not _whole(value) or value < 1):
             raise GenerationError(f"{option} must be a whole number of pixels >= 1, got {value!r}")
     h, w = bundle.image_size
-    height, width = height or h, width or w
-    if (height, width) != (h, w):
-        raise GenerationError(
-            f"this bundle was converted for {w}x{h} images; re-convert with --width/--height to generate {width}x{height}"
-        )
+    size = (int(height or h), int(width or w))
+    try:
+        bundle.at(*size)
+    except BundleError as exc:
+        raise GenerationError(str(exc)) from None
     if not _whole(steps) or steps < 1:
         raise GenerationError(f"steps must be a whole number >= 1, got {steps!r}")
     if not _whole(num_images) or num_images < 1:
@@ -147,8 +150,9 @@ def check_request(
         raise GenerationError(str(exc)) from None
     sched = make_scheduler(bundle, scheduler)
     check_steps(sched, steps)
-    xl = _check_xl(bundle, prompt_2, negative_prompt_2, original_size, crop, aesthetic_score, negative_aesthetic_score,
-                   refiner, refiner_start)
+    xl = _check_xl(bundle, size, prompt_2, negative_prompt_2, original_size, crop, aesthetic_score,
+                   negative_aesthetic_score, refiner, refiner_start)
+    xl["image_size"] = size
     if init_image is None:
         request = Request(prompt, negative_prompt, steps, float(guidance_scale), scheduler, seed, num_images, None, None,
                           rng, **xl)
@@ -168,15 +172,15 @@ def check_request(
     if not isinstance(image, Image.Image):
         raise GenerationError(f"init_image must be a PIL image or a path, got {type(image).__name__}")
     request = Request(prompt, negative_prompt, steps, float(guidance_scale), scheduler, seed, num_images,
-                      fit_image(image, bundle.image_size), float(strength), rng, **xl)
+                      fit_image(image, size), float(strength), rng, **xl)
     check_handoff(request, bundle)
     return request
 
 
-def _check_xl(bundle: Bundle, prompt_2, negative_prompt_2, original_size, crop, aesthetic_score, negative_aesthetic_score,
-              refiner, refiner_start) -> dict:
-    """The SDXL fields of a request, checked: each option is refused (one line) where the bundle
-    and refiner have nothing that reads it."""
+def _check_xl(bundle: Bundle, size: tuple[int, int], prompt_2, negative_prompt_2, original_size, crop, aesthetic_score,
+              negative_aesthetic_score, refiner, refiner_start) -> dict:
+    """The SDXL fields of a request at ``size`` (height, width), checked: each option is refused
+    (one line) where the bundle and refiner have nothing that reads it."""
     family = bundle.spec
     if not isinstance(prompt_2, str) or not isinstance(negative_prompt_2, str):
         raise GenerationError("the second prompt and second negative prompt must be text")
@@ -199,7 +203,7 @@ def _check_xl(bundle: Bundle, prompt_2, negative_prompt_2, original_size, crop, 
     if crop is not None:
         fields["crop"] = _pixels(crop, "crop", "(top, left)", 0)
     if refiner is not None:
-        fields["refiner"] = _check_refiner(bundle, refiner)
+        fields["refiner"] = _check_refiner(bundle, refiner, size)
         start = DEFAULT_REFINER_START if refiner_start is None else refiner_start
         if not _number(start) or not 0.0 < start < 1.0:
             raise GenerationError(f"--refiner-start must be a fraction of the schedule between 0 and 1 (exclusive), "
@@ -234,8 +238,9 @@ def _pixels(value, what: str, order: str, least: int) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-def _check_refiner(bundle: Bundle, refiner: Bundle | str | Path) -> Bundle:
-    """The refiner bundle, opened if given by path, checked against the base ``bundle``."""
+def _check_refiner(bundle: Bundle, refiner: Bundle | str | Path, size: tuple[int, int]) -> Bundle:
+    """The refiner bundle, opened if given by path, checked against the base ``bundle``, at the
+    base's ``size`` (height, width): the refiner must have been converted for it too."""
     if bundle.spec.conditioning.time_ids != "size":
         raise GenerationError(f"a refiner finishes an SDXL base's generation; this bundle is {bundle.spec.label}")
     opened = refiner if isinstance(refiner, Bundle) else open_bundle(refiner) if isinstance(refiner, (str, Path)) else None
@@ -245,11 +250,16 @@ def _check_refiner(bundle: Bundle, refiner: Bundle | str | Path) -> Bundle:
     if found is None:
         raise GenerationError(f"{opened.path} is not an SDXL refiner ({opened.spec.label}); pass a bundle converted "
                               "from an SDXL refiner, such as stabilityai/stable-diffusion-xl-refiner-1.0")
-    if found.latent_size != bundle.latent_size:
-        (h, w), (rh, rw) = bundle.image_size, found.image_size
+    h, w = size
+    if size not in found.sizes and len(found.sizes) == 1 and len(bundle.sizes) == 1:
+        (rh, rw) = found.image_size
         raise GenerationError(f"the refiner was converted for {rw}x{rh} images, the base for {w}x{h}; "
                               "re-convert one of them with --width/--height to match")
-    return found
+    if size not in found.sizes:
+        have = ", ".join(f"{rw}x{rh}" for rh, rw in found.sizes)
+        raise GenerationError(f"the refiner has no {w}x{h} size (it has {have}); generate at one of its sizes or "
+                              "re-convert it with --sizes to add one")
+    return found.at(*size)
 
 
 def handoff_cutoff(sched: Scheduler, start: float) -> int:

@@ -38,7 +38,7 @@ def record(tiny_bundle, tmp_path_factory):
 
 def test_record_is_valid_and_complete(record, tiny_bundle):
     data = load_record(record)
-    assert data["schema_version"] == SCHEMA_VERSION == 2
+    assert data["schema_version"] == SCHEMA_VERSION == 3
     assert data["settings"] == {**data["settings"], "steps": STEPS, "runs": RUNS, "warmup": WARMUP, "backend": "mil", "seed": 0}
     assert data["machine"]["os"] in ("Linux", "macOS") and data["machine"]["memory_bytes"] > 0
     assert set(data["conditions"]["before"]) == set(data["conditions"]["after"]) == {"power_source", "thermal_warning"}
@@ -49,6 +49,7 @@ def test_record_is_valid_and_complete(record, tiny_bundle):
     assert data["bundle"]["image_size"] == manifest["image_size"]
     [result] = data["results"]
     assert result["status"] == "ok" and result["backend"] == "mil" and result["compute_units"] == "CPU_ONLY"
+    assert [result["height"], result["width"]] == manifest["image_size"]  # the bundle's one size
     assert result["energy"] is None and result["thermal_pressure"] is None  # never invented without powermetrics
 
 
@@ -322,7 +323,8 @@ def test_unknown_fields_and_nulls_where_allowed_are_accepted(record):
     data["new_field"] = {"anything": [1, None]}
     data["conditions"]["after"] = None
     data["results"][0].update(energy=None, thermal_pressure=None, new_figure=1.5)
-    data["results"].append({"compute_units": "ALL", "backend": "coreml", "status": "failed", "error": "killed by signal 9"})
+    data["results"].append({"compute_units": "ALL", "backend": "coreml", "width": 64, "height": 64, "status": "failed",
+                            "error": "killed by signal 9"})
     assert validate(data) == []
 
 

@@ -21,8 +21,9 @@ from coreml_sd.cli import main
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
-def ok(units, e2e, its, unet_ms, energy=None, pressure=None):
-    return {"compute_units": units, "backend": "coreml", "status": "ok", "error": None, "import_s": 1.5,
+def ok(units, e2e, its, unet_ms, energy=None, pressure=None, size=(512, 512)):
+    return {"compute_units": units, "backend": "coreml", "width": size[0], "height": size[1], "status": "ok", "error": None,
+            "import_s": 1.5,
             "load_cold_s": 20.0, "load_warm_s": 2.0, "text_encoder_s": 0.01,
             "unet_ms_per_step": {"median": unet_ms, "iqr": 2.0, "count": 100},
             "host_ms_per_step": {"median": 0.3, "iqr": 0.05, "count": 100}, "vae_decoder_s": 0.5, "denoise_s": e2e - 0.6,
@@ -75,7 +76,8 @@ def test_report_groups_sorts_and_marks_the_fastest(linux, tmp_path):
     m2 = mac_record(base, "Apple M2 Pro", [ok("CPU_ONLY", 40.0, 0.5, 1900), ok("CPU_AND_GPU", 9.0, 2.4, 410),
                                            ok("CPU_AND_NE", 6.5, 3.3, 290, energy, ["Nominal", "Moderate"]),
                                            ok("ALL", 7.0, 3.1, 300),
-                                           {"compute_units": "CPU_AND_GPU", "backend": "coreml", "status": "failed",
+                                           {"compute_units": "CPU_AND_GPU", "backend": "coreml", "width": 512,
+                                            "height": 512, "status": "failed",
                                             "error": "out of memory"}])
     # The same chip name with more memory, a newer macOS and a palettized UNet: same section, own rows.
     m2_big = mac_record(base, "Apple M2 Pro", [ok("CPU_AND_NE", 5.5, 3.9, 250)], memory_gb=64, os_version="15.1",
@@ -221,7 +223,8 @@ def test_report_refuses_an_unwritable_folder_before_writing_anything(linux, tmp_
 def test_plot_of_records_where_every_configuration_failed(linux, tmp_path):
     """Nothing measured, nothing to plot: one line saying so (the report itself is written)."""
     base = json.loads(linux.read_text())
-    failed = {**base, "results": [{"compute_units": "CPU_ONLY", "backend": "mil", "status": "failed", "error": "x"}]}
+    failed = {**base, "results": [{"compute_units": "CPU_ONLY", "backend": "mil", "width": 64, "height": 64,
+                                   "status": "failed", "error": "x"}]}
     plot_path = tmp_path / "p.png"
     result = CliRunner().invoke(main, ["report", str(write(tmp_path, "failed.json", failed)), "-o", str(tmp_path / "r.md"),
                                        "--plot", str(plot_path)])
