@@ -187,64 +187,27 @@ def tiny_bundle(shared_dir: Path, request: pytest.FixtureRequest):
 
 # ---------------------------------------------------------------------------- several sizes
 #
-# A multi-size bundle as `coreml-sd convert --sizes` writes it (see coreml_sd/contract.py): the
-# UNet and VAE packages multifunction, one function per size ("size_{W}x{H}", the first the
-# default), the manifest's "sizes" and per-component "functions". Until the converter writes
-# them, it is assembled here from single-size tiny bundles with coremltools' public
-# save_multifunction; switching to the converter is an edit of `_build_multi_size` alone.
-
-SIZED_MODELS = ("Unet", "VAEDecoder", "VAEEncoder")
-
-
-def _build_multi_size(singles: dict[tuple[int, int], Path], target: Path) -> None:
-    """``target``: the first size's bundle with its sized models replaced by multifunction
-    packages of every size's, and its manifest rewritten (files hashed again)."""
-    from coreml_sd.contract import MANIFEST, hash_tree
-    from coreml_sd.system import import_coremltools
-    from helpers import size_function
-
-    ct = import_coremltools()
-    first = next(iter(singles))
-    shutil.copytree(singles[first], target)
-    manifest = json.loads((target / MANIFEST).read_text())
-    for name in SIZED_MODELS:
-        descriptor = ct.utils.MultiFunctionDescriptor()
-        for (h, w), single in singles.items():
-            descriptor.add_function(str(single / f"{name}.mlpackage"), src_function_name="main",
-                                    target_function_name=size_function(h, w))
-        descriptor.default_function_name = size_function(*first)
-        shutil.rmtree(target / f"{name}.mlpackage")
-        ct.utils.save_multifunction(descriptor, str(target / f"{name}.mlpackage"))
-        functions = {}
-        for (h, w), single in singles.items():
-            entry = json.loads((single / MANIFEST).read_text())["components"][name]
-            functions[size_function(h, w)] = {"inputs": entry["inputs"], "outputs": entry["outputs"]}
-        manifest["components"][name]["functions"] = functions
-    manifest["sizes"] = [{"height": h, "width": w, "function": size_function(h, w)} for h, w in singles]
-    files = {}
-    for rel in sorted({rel.split("/", 1)[0] for rel in manifest["files"]}):
-        files.update(hash_tree(target, rel))
-    manifest["files"] = dict(sorted(files.items()))
-    (target / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+# The one several-size bundle of the suite (`coreml-sd convert --sizes`): the UNet and VAE packages
+# multifunction, one function per size ("size_{W}x{H}", the first the default). One bundle for all
+# of its tests: each size costs three conversions.
 
 
 @pytest.fixture(scope="session")
 def tiny_sized(tiny_bundle):
-    """Factory: ``tiny_sized(height, width) -> Path``, the tiny SD 1.x split-einsum bundle of one
-    size (at the native 64x64: the very bundle of ``tiny_bundle("sd1")``). Read-only."""
+    """Factory: ``tiny_sized(height, width) -> Path``, the one-size bundle of the first of
+    ``helpers.TINY_SIZES`` (the tiny SD 1.x split-einsum-v2 bundle at its native 64x64). Read-only."""
 
     def get(height: int, width: int) -> Path:
-        options = {} if (height, width) == (64, 64) else {"height": height, "width": width}
-        return tiny_bundle("sd1", "split-einsum", **options)
+        assert (height, width) == (64, 64), "one-size bundles at other sizes cost a conversion each: compare with diffusers"
+        return tiny_bundle("sd1", "split-einsum-v2")
 
     return get
 
 
 @pytest.fixture(scope="session")
-def tiny_sizes_bundle(shared_dir: Path, tiny_sized) -> Path:
-    """A tiny SD 1.x (split-einsum) bundle of the sizes ``helpers.TINY_SIZES``, the first the
-    default; ``tiny_sized(h, w)`` is each size's single-size bundle. Read-only."""
+def tiny_sizes_bundle(tiny_bundle) -> Path:
+    """The tiny SD 1.x bundle (split-einsum-v2) converted with ``--sizes`` of ``helpers.TINY_SIZES``,
+    the first the default. Read-only."""
     from helpers import TINY_SIZES
 
-    singles = {(h, w): tiny_sized(h, w) for h, w in TINY_SIZES}
-    return _once(shared_dir / "tiny_sd1_sizes", lambda t: _build_multi_size(singles, t))
+    return tiny_bundle("sd1", "split-einsum-v2", sizes=TINY_SIZES)
