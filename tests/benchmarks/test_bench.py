@@ -22,6 +22,9 @@ from helpers import coreml_sd_command
 STEPS, RUNS, WARMUP = 3, 2, 1
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
+# The module's bench record is built once per worker that runs one of its tests: all on one worker.
+pytestmark = pytest.mark.xdist_group("bench-record")
+
 
 @pytest.fixture(scope="module")
 def record(tiny_bundle, tmp_path_factory):

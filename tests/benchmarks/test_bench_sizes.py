@@ -22,6 +22,9 @@ from helpers import TINY_SIZES, one_line_error
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 WxH = [f"{w}x{h}" for h, w in TINY_SIZES]
 
+# The module's bench record is built once per worker that runs one of its tests: all on one worker.
+pytestmark = pytest.mark.xdist_group("bench-sizes")
+
 
 @pytest.fixture(scope="module")
 def record(tiny_sizes_bundle, tmp_path_factory):

@@ -20,6 +20,9 @@ from coreml_sd.cli import main
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
+# The module's bench record is built once per worker that runs one of its tests: all on one worker.
+pytestmark = pytest.mark.xdist_group("bench-report")
+
 
 def ok(units, e2e, its, unet_ms, energy=None, pressure=None, size=(512, 512)):
     return {"compute_units": units, "backend": "coreml", "width": size[0], "height": size[1], "status": "ok", "error": None,

@@ -269,6 +269,8 @@ def test_compress_vae_compresses_the_vae_too(tiny_sd1_dir, tmp_path):
     assert psnr(ours.predict(feeds)["image"], theirs.predict(feeds)["image"]) >= 40
 
 
+# A minute of the suite for a combination: compression is family-blind, SDXL's inputs run through mil elsewhere.
+@pytest.mark.slow
 def test_sdxl_compressed_unet_through_mil(tiny_bundle):
     """SDXL's UNet (``text_embeds``, ``time_ids``) compressed, run through mil against the float16
     bundle. (TextEncoder2 is a CLIP text encoder as TextEncoder is, which the SD 1.x tests compress.)"""
