@@ -148,7 +148,7 @@ def test_sizes_with_compression_share_the_compressed_weights(sized, tiny_bundle,
 
 
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for h, w in SIZES])
-def test_each_size_generates_what_diffusers_does_at_that_size(size, sized, tiny_sd1_dir, tmp_path):
+def test_each_size_generates_what_diffusers_does_at_that_size(size, sized, tiny_sd1_dir, tmp_path, record_property):
     """``generate --width W --height H`` on the several-size bundle (split-einsum-v2: each size's
     queries chunked, none a multiple of the chunk) against diffusers' pipeline at that size, same
     weights, seed and scheduler: >= 30 dB (float16 programs against float32 torch), and the PNG's
@@ -170,7 +170,9 @@ def test_each_size_generates_what_diffusers_does_at_that_size(size, sized, tiny_
     want = ref(PROMPT, height=h, width=w, num_inference_steps=6, guidance_scale=7.5,
                generator=torch.Generator().manual_seed(42)).images[0]
     assert pixels(png).shape == (h, w, 3)
-    assert psnr(pixels(png), pixels(want), peak=255) >= 30
+    score = psnr(pixels(png), pixels(want), peak=255)
+    record_property("psnr", round(score, 1))
+    assert score >= 30, f"{w}x{h}: {score:.1f} dB"
     assert f"Size: {w}x{h}" in read_parameters(png)
 
 
