@@ -70,7 +70,9 @@ def feeds_for(model) -> dict[str, np.ndarray]:
 SAME_MODEL_PSNR = 65
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+# SDXL's case is opt-in (--run-slow): its bundle tests already run every SDXL package, converted
+# weights-last as always, against diffusers through mil (test_sdxl_convert.py).
+@pytest.mark.parametrize("family", ["sd1", pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_weights_last_is_the_whole_conversion(family, tiny_bundle, request, tmp_path):
     source = open_source(str(request.getfixturevalue(f"tiny_{family}_dir")))
     p = plan(source, tmp_path / "unused", ConvertOptions(components=("unet",)))
