@@ -138,7 +138,7 @@ def test_mixed_bits_follow_the_analysis_and_reuse_it(tiny_bundle, tiny_sd1_dir, 
     options = ConvertOptions(components=("unet", "vae-decoder"), compress="mixed-3.5", overwrite=True)  # the UNet's analysis
     convert(open_source(str(tiny_sd1_dir)), bundle, options, Progress(log=lines.append))
     text = "\n".join(lines)
-    assert ("compressing text-encoder, unet as mixed-3.5; the VAE stays float16 (--compress-vae compresses it);"
+    assert ("compressing unet as mixed-3.5; the VAE stays float16 (--compress-vae compresses it);"
             " minimum deployment target macOS 13 / iOS 16") in text
     assert "[unet] layer sensitivity: reused from the existing bundle" in text
     assert "[vae-decoder] unchanged: reused" in text
