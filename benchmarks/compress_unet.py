@@ -128,6 +128,14 @@ def unet_output(package: Path) -> np.ndarray:
     return model.predict(feeds)["noise_pred"]
 
 
+def machine_and_tools() -> dict:
+    """What a result file says of the machine and the tools it was measured with."""
+    total = _total_bytes()
+    return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "memory_gib": round(total / GIB, 1) if total else None},
+            "tools": tool_versions()}
+
+
 def write(args, records: list[dict], done: bool) -> None:
     """The results so far (after each preset: a stopped run keeps what it measured)."""
     result = {
@@ -139,9 +147,7 @@ def write(args, records: list[dict], done: bool) -> None:
         "psnr_input": f"batch 2, Gaussian latents and text embeddings, timestep {TIMESTEP:g}, through the mil backend",
         "note": "random weights are not trained weights: their quantization error can differ from a real model's",
         "presets": records,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "memory_gib": round(_total_bytes() / GIB, 1) if _total_bytes() else None},
-        "tools": tool_versions(),
+        **machine_and_tools(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from coreml_sd.benchmarks.compress_unet import run_guarded, timed_convert
-from coreml_sd.benchmarks.convert_sdxl import GIB, _folder, _total_bytes
-from coreml_sd.system import tool_versions
+from coreml_sd.benchmarks.compress_unet import machine_and_tools, run_guarded, timed_convert
+from coreml_sd.benchmarks.convert_sdxl import _folder
 
 COMPONENTS = ("unet", "vae-decoder", "vae-encoder")
 PACKAGES = ("Unet", "VAEDecoder", "VAEEncoder")
@@ -97,9 +95,7 @@ def main() -> None:
         "model": "SD 1.5 UNet, VAE decoder and encoder (random weights), split-einsum, float16",
         "cases": records,
         "every_size_vs_one": ratios,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "memory_gib": round(_total_bytes() / GIB, 1) if _total_bytes() else None},
-        "tools": tool_versions(),
+        **machine_and_tools(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
