@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +239,7 @@ def software() -> dict[str, str]:
 
 def run_bench(bundle: str, compute_units: list[str] | None, backend: str, steps: int, runs: int, warmup: int,
               scheduler: str = SCHEDULER, measure_energy: bool | None = None,
-              log: Callable[[str], None] = print, sizes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] = print, sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
     """Measure every configuration asked for (compute units, None: all this backend has; times
     ``sizes``, (height, width) each, None: the bundle's first) and return the record.
 

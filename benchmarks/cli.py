@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from ..runtime.backends import BACKENDS, COMPUTE_UNITS
+from ..runtime.cli import size_list
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
@@ -24,19 +25,6 @@ def _units(ctx, param, value: str | None) -> list[str] | None:
             f"unknown compute units {', '.join(bad) or '(none)'}; use all or some of {', '.join(COMPUTE_UNITS)}"
         )
     return units
-
-
-def _sizes(ctx, param, value: str | None) -> list[tuple[int, int]] | None:
-    """"WxH[,WxH...]" as (height, width) pairs; None: the bundle's first size."""
-    if value is None:
-        return None
-    sizes = []
-    for part in value.lower().replace(" ", "").split(","):
-        sides = part.split("x")
-        if len(sides) != 2 or not all(side.isdigit() and int(side) > 0 for side in sides):
-            raise click.BadParameter(f"{part!r} is not WIDTHxHEIGHT in pixels; give sizes such as 512x512,768x512")
-        sizes.append((int(sides[1]), int(sides[0])))
-    return sizes
 
 
 def _cannot_write(path: Path) -> str | None:
@@ -107,7 +95,7 @@ def _write(path: Path, data: bytes, option: str) -> None:
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(1), help="Measured runs per configuration.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Unmeasured runs first.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
-@click.option("--sizes", callback=_sizes, metavar="WxH[,WxH...]",
+@click.option("--sizes", callback=size_list, metavar="WxH[,WxH...]",
               help="Image sizes to time, each one of the bundle's (default: its first).")
 @click.option("--energy/--no-energy", default=None,
               help="Measure energy with powermetrics (default: when run with sudo on macOS).")

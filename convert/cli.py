@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..families import COMPONENT_NAMES
+from ..runtime.cli import size_list
 from ..system import INSTALL_CONVERT_EXTRA
 
 _ATTENTION = ("original", "split-einsum", "split-einsum-v2")
@@ -41,20 +42,6 @@ def _components(ctx, param, value: str) -> tuple[str, ...]:
     return names
 
 
-def parse_sizes(ctx, param, value: str | None) -> tuple[tuple[int, int], ...] | None:
-    """--sizes "512x512,512x768" (width x height, as people say sizes) as ((height, width), ...), the
-    order the converter and diffusers take them in; a malformed one is click's usage error."""
-    if value is None:
-        return None
-    sizes = []
-    for item in value.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-            raise click.BadParameter(f"{item.strip()!r} is not WIDTHxHEIGHT in pixels, such as 512x768")
-        sizes.append((int(parts[1]), int(parts[0])))
-    return tuple(sizes)
-
-
 @click.command()
 @click.argument("source")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
@@ -69,7 +56,7 @@ def parse_sizes(ctx, param, value: str | None) -> tuple[tuple[int, int], ...] | 
               help=f"Comma-separated, from {', '.join(COMPONENT_NAMES)} [default: all the model has].")
 @click.option("--height", type=int, help="Image height in pixels (default: the model's native size).")
 @click.option("--width", type=int, help="Image width in pixels (default: the model's native size).")
-@click.option("--sizes", callback=parse_sizes, metavar="WxH,...",
+@click.option("--sizes", callback=size_list, metavar="WxH,...",
               help="Several image sizes in one bundle, e.g. 512x512,512x768,768x512: the UNet and VAE hold one function"
                    " per size, sharing their weights (the first is the default; needs macOS 15 / iOS 18).")
 @click.option("--unet-batch-one", is_flag=True, help="UNet takes batch 1 (two calls per step with guidance; less memory).")

@@ -43,6 +43,17 @@ def _pair(value: str | None, sep: str, what: str) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+def size_list(ctx, param, value: str | None) -> tuple[tuple[int, int], ...] | None:
+    """"WxH[,WxH...]" (width x height, as people say sizes) as ((height, width), ...), the order
+    the API and diffusers take; for click (``convert --sizes``, ``bench --sizes``)."""
+    if value is None:
+        return None
+    sizes = tuple(_pair(item, "x", "WIDTHxHEIGHT in pixels, such as 512x768") for item in value.split(","))
+    if zero := next((f"{w}x{h}" for w, h in sizes if not (w and h)), None):
+        raise click.BadParameter(f"{zero!r} is not WIDTHxHEIGHT in pixels: sides are positive")
+    return tuple((h, w) for w, h in sizes)
+
+
 def _size(ctx, param, value):
     pair = _pair(value, "x", "WIDTHxHEIGHT in pixels, such as 1024x768")
     return None if pair is None else (pair[1], pair[0])  # (height, width), as the API and diffusers take it
