@@ -402,14 +402,15 @@ def _build(p: Plan, spec: ComponentSpec, functions, destination: Path, precision
         with progress.stage(spec.cli_name, "place"):
             weights = module.state_dict()
             # Every size's program shares the same arrays (place_weights takes the tensors' memory).
-            names = [WeightNames(place_weights(slots, weights)) for _, _, slots in programs]
-            del module, weights  # the programs share the tensors they hold
+            placed = [place_weights(slots, weights) for _, _, slots in programs]
+            names = WeightNames(placed[0])  # the first program's: compression runs on it (export.share_compressed)
+            del module, weights, placed  # the programs share the tensors they hold
             program = programs[0][1]
 
             def compress(program) -> None:  # on the placed weights, their scales folded in (export.finish)
                 if compression is None:
                     return
-                consts = _weight_consts(p, spec, program, names[0], bits)
+                consts = _weight_consts(p, spec, program, names, bits)
                 entry.update(preset=compression.name, bytes_before=program_weight_bytes(program), deployment_target=target,
                              bits=compression.bits if bits is None else _average(program, consts))
                 with progress.stage(spec.cli_name, f"compress ({compression.name})"):
