@@ -24,6 +24,7 @@ error of the weights (``tests/convert/test_memory_path.py``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import platform
@@ -110,6 +111,39 @@ def float32_features_of(input_names: tuple[str, ...]):
     return lambda op: not in_cone(op)  # True: compute in float16
 
 
+@contextlib.contextmanager
+def _validated_once_per_pipeline() -> Iterator[None]:
+    """While it lasts, coremltools' pass pipelines check the program once, after their last pass,
+    instead of before the first and after each of their hundred or so passes.
+
+    Those checks walk every operation of the program (each var's consumers against each op's
+    inputs): a third of a conversion's time, on the tiny test models and full-size ones alike,
+    while what they guard against is a pass of coremltools' own leaving a broken graph, which
+    tells where a bug is but changes no result. The program is still checked: after each pipeline
+    here, by the torch frontend when it finishes, and (scope information included) when the ML
+    program is serialized. Departs from coremltools' ``PassPipelineManager.apply_pipeline`` by
+    wrapping it, not replacing it: the passes, their options and their order are its own."""
+    import_coremltools()
+    from coremltools.converters.mil.mil.passes.pass_pipeline import PassPipelineManager
+    from coremltools.converters.mil.mil.program import Program
+
+    apply, validate = PassPipelineManager.__dict__["apply_pipeline"], Program.validate
+
+    def apply_once(prog, pass_pipeline):
+        Program.validate = lambda self, check_essential_scope=False: None
+        try:
+            apply.__func__(prog, pass_pipeline)
+        finally:
+            Program.validate = validate
+        prog.validate()
+
+    PassPipelineManager.apply_pipeline = staticmethod(apply_once)
+    try:
+        yield
+    finally:
+        PassPipelineManager.apply_pipeline = apply
+
+
 def _convert(traced, inputs, outputs, float32_features, precision, target="macOS13", **options):
     ct = import_coremltools()  # without its Linux import noise
 
@@ -118,14 +152,15 @@ def _convert(traced, inputs, outputs, float32_features, precision, target="macOS
     compute = ct.precision.FLOAT16 if precision == "float16" else ct.precision.FLOAT32
     if float32_features and precision == "float16":
         compute = ct.transform.FP16ComputePrecision(op_selector=float32_features_of(float32_features))
-    return ct.convert(
-        traced,
-        inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=_DTYPES[s.dtype]) for s in inputs],
-        outputs=[ct.TensorType(name=s.name, dtype=_DTYPES[s.dtype]) for s in outputs],
-        compute_precision=compute,
-        minimum_deployment_target=getattr(ct.target, target),
-        **options,
-    )
+    with _validated_once_per_pipeline():
+        return ct.convert(
+            traced,
+            inputs=[ct.TensorType(name=s.name, shape=s.shape, dtype=_DTYPES[s.dtype]) for s in inputs],
+            outputs=[ct.TensorType(name=s.name, dtype=_DTYPES[s.dtype]) for s in outputs],
+            compute_precision=compute,
+            minimum_deployment_target=getattr(ct.target, target),
+            **options,
+        )
 
 
 def to_coreml(
