@@ -42,10 +42,10 @@ import numpy as np
 from coreml_sd.benchmarks.convert_sdxl import GIB, SAMPLE_SECONDS, _available_bytes, _folder, _rss_bytes, _total_bytes
 from coreml_sd.system import peak_rss_bytes, tool_versions
 
+# model: (what it is, its native image side, its default presets)
 MODELS = {
-    "sd15": ("SD 1.5 UNet (860 M parameters), random weights, split-einsum, 64x64 latents, batch 2", None),
-    "sdxl": ("SDXL base UNet (2.6 B parameters), random weights, split-einsum, 128x128 latents, batch 2",
-             "mixed-4.5,palettize-4"),
+    "sd15": ("SD 1.5 UNet (860 M parameters), random weights, split-einsum", 512, None),
+    "sdxl": ("SDXL base UNet (2.6 B parameters), random weights, split-einsum", 1024, "palettize-4,mixed-4.5"),
 }
 PRESETS = ("float16", "palettize-8", "palettize-6", "palettize-4", "int8", "int4-blocked", "mixed-4.5", "mixed-3.5",
            "palettize-4-grouped")
@@ -138,12 +138,13 @@ def machine_and_tools() -> dict:
 
 def write(args, records: list[dict], done: bool) -> None:
     """The results so far (after each preset: a stopped run keeps what it measured)."""
+    side = args.size or MODELS[args.model][1]
     result = {
         "benchmark": "compress_unet",
         "command": shlex.join(["python", "benchmarks/compress_unet.py", *sys.argv[1:]]),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "complete": done,
-        "model": MODELS[args.model][0] + (f", converted for {args.size}x{args.size} images" if args.size else ""),
+        "model": f"{MODELS[args.model][0]}, {side // 8}x{side // 8} latents ({side}x{side} images), batch 2",
         "psnr_input": f"batch 2, Gaussian latents and text embeddings, timestep {TIMESTEP:g}, through the mil backend",
         "note": "random weights are not trained weights: their quantization error can differ from a real model's",
         "presets": records,
@@ -158,7 +159,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep the random-weight folder here (default: a temporary folder)")
     parser.add_argument("--model", choices=list(MODELS), default="sd15")
     parser.add_argument("--presets",
-                        help=f"comma-separated, from: {', '.join(PRESETS)} [default: all; SDXL: {MODELS['sdxl'][1]}]")
+                        help=f"comma-separated, from: {', '.join(PRESETS)} [default: all; SDXL: {MODELS['sdxl'][2]}]")
     parser.add_argument("--limit-gib", type=float, default=18.0, help="stop a conversion whose resident memory passes this")
     parser.add_argument("--json", type=Path, help="the results' file [default: results/project/compress_unet_MODEL.json]")
     parser.add_argument("--size", type=int, help="image side in pixels [default: the model's]")
@@ -172,7 +173,7 @@ def main() -> None:
     from coreml_sd.benchmarks.metrics import psnr
     from coreml_sd.convert.compress import weight_bytes
 
-    presets = (args.presets or MODELS[args.model][1] or ",".join(PRESETS)).split(",")
+    presets = (args.presets or MODELS[args.model][2] or ",".join(PRESETS)).split(",")
     args.json = args.json or Path(__file__).parent / "results" / "project" / f"compress_unet_{args.model}.json"
     if "float16" not in presets:
         presets.insert(0, "float16")
