@@ -41,6 +41,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.skip(reason=f"{marker}: enable with {flag}"))
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # In an xdist worker under --dist loadgroup, each test marked xdist_group must carry its
+    # group in its node id, or its module's shared fixtures are built on every worker (pytest
+    # 9.2 with pytest-xdist 3.8 drop it silently: pyproject.toml's pin).
+    if getattr(session.config.option, "loadgroup", False):
+        lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if lost:
+            raise pytest.UsageError(f"pytest-xdist did not group {lost[0]} (pytest {pytest.__version__}): "
+                                    "install the pytest pyproject.toml pins")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_caches(tmp_path_factory: pytest.TempPathFactory):
     """The suite writes nothing outside temporary folders: caches that tools keep under the
