@@ -196,6 +196,29 @@ def tiny_bundle(shared_dir: Path, request: pytest.FixtureRequest):
     return get
 
 
+@pytest.fixture(scope="session")
+def bench_record(tiny_bundle, shared_dir: Path) -> Path:
+    """A ``coreml-sd bench`` record of the tiny SD 1.x bundle through the mil backend (3 steps, 2
+    runs after 1 warm-up, the Neural Engine asked for), measured once for the whole session:
+    tests/benchmarks' bench and report tests read it. Read-only."""
+    from click.testing import CliRunner
+
+    from coreml_sd.cli import main
+
+    def build(target: Path) -> None:
+        target.mkdir()
+        out = target / "results" / "tiny.json"  # a folder bench creates
+        result = CliRunner().invoke(main, ["bench", "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--steps", "3",
+                                           "--runs", "2", "--warmup", "1", "--backend", "mil",
+                                           "--compute-units", "CPU_AND_NE", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "[mil CPU_ONLY] run 3/3" in result.stderr  # progress while it runs
+        # Asked for the Neural Engine, the mil backend measures the CPU: said, not silent.
+        assert "note: the mil backend computes on the CPU; measuring CPU_ONLY, not CPU_AND_NE" in result.stderr
+
+    return _once(shared_dir / "bench_record", build) / "results" / "tiny.json"
+
+
 # ---------------------------------------------------------------------------- several sizes
 #
 # The one several-size bundle of the suite (`coreml-sd convert --sizes`): the UNet and VAE packages

@@ -19,24 +19,14 @@ from coreml_sd.benchmarks.schema import SCHEMA_VERSION, RecordError, load_record
 from coreml_sd.cli import main
 from helpers import coreml_sd_command
 
-STEPS, RUNS, WARMUP = 3, 2, 1
+STEPS, RUNS, WARMUP = 3, 2, 1  # conftest.py's bench_record
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
-# The module's bench record is built once per worker that runs one of its tests: all on one worker.
-pytestmark = pytest.mark.xdist_group("bench-record")
 
-
-@pytest.fixture(scope="module")
-def record(tiny_bundle, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "results" / "tiny.json"  # a folder bench creates
-    result = CliRunner().invoke(main, ["bench", "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--steps", str(STEPS),
-                                       "--runs", str(RUNS), "--warmup", str(WARMUP), "--backend", "mil",
-                                       "--compute-units", "CPU_AND_NE", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "[mil CPU_ONLY] run 3/3" in result.stderr  # progress while it runs
-    # Asked for the Neural Engine, the mil backend measures the CPU: said, not silent.
-    assert "note: the mil backend computes on the CPU; measuring CPU_ONLY, not CPU_AND_NE" in result.stderr
-    return out
+@pytest.fixture
+def record(bench_record):
+    """The session's bench record (conftest.py): 3 steps, 2 runs, 1 warm-up, mil."""
+    return bench_record
 
 
 def test_record_is_valid_and_complete(record, tiny_bundle):

@@ -20,9 +20,6 @@ from coreml_sd.cli import main
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
-# The module's bench record is built once per worker that runs one of its tests: all on one worker.
-pytestmark = pytest.mark.xdist_group("bench-report")
-
 
 def ok(units, e2e, its, unet_ms, energy=None, pressure=None, size=(512, 512)):
     return {"compute_units": units, "backend": "coreml", "width": size[0], "height": size[1], "status": "ok", "error": None,
@@ -58,14 +55,10 @@ def write(tmp_path, name, data):
     return path
 
 
-@pytest.fixture(scope="module")
-def linux(tiny_bundle, tmp_path_factory):
-    """A record measured here (1 step, 1 run)."""
-    out = tmp_path_factory.mktemp("report") / "linux.json"
-    result = CliRunner().invoke(main, ["bench", "--bundle", str(tiny_bundle("sd1", "split-einsum")), "--steps", "1",
-                                       "--runs", "1", "--warmup", "0", "--backend", "mil", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+@pytest.fixture
+def linux(bench_record):
+    """A record measured here (the session's bench record, conftest.py)."""
+    return bench_record
 
 
 def rows_of(section):
