@@ -20,12 +20,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from coreml_sd.benchmarks.compress_unet import machine_and_tools
 from coreml_sd.benchmarks.configs import SD15_UNET
 from coreml_sd.convert import export
 from coreml_sd.convert.export import stand_in_weights, to_program, trace
 from coreml_sd.families import SD1, Geometry
 from coreml_sd.models import AttentionImpl
-from coreml_sd.system import peak_rss_bytes, tool_versions
+from coreml_sd.system import peak_rss_bytes
 
 
 def _ops(program) -> Counter:
@@ -75,7 +76,7 @@ def main() -> None:
         "same_program": ops["every pass"] == ops["once per pipeline"],
         "operations": sum(ops["every pass"].values()),
         "peak_rss_gib": round(peak_rss_bytes() / 2**30, 2),
-        "tools": tool_versions(),
+        **machine_and_tools(),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
