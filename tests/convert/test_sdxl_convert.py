@@ -71,6 +71,13 @@ def _readers(main_fn, name: str) -> list[tuple[str, str]]:
     return [(op.op_type, types.builtin_to_string(op.outputs[0].dtype)) for op in ops]
 
 
+# The two tests below read the same two bundles, built on first use under a file lock: on two
+# workers at once, one would wait out the other's conversion (about 25 s a bundle). One group, one
+# worker: the other worker runs other tests meanwhile.
+SDXL_BUNDLES = pytest.mark.xdist_group("sdxl-bundles")
+
+
+@SDXL_BUNDLES
 @pytest.mark.parametrize("refiner", [False, True], ids=["base", "refiner"])
 def test_sdxl_bundle_contract(refiner, tiny_bundle, request):
     family = "sdxl-refiner" if refiner else "sdxl"
@@ -169,6 +176,7 @@ def _reference(folder: Path, name: str, feeds: dict[str, np.ndarray]) -> dict[st
         return {"latent": moments.numpy()}
 
 
+@SDXL_BUNDLES
 @pytest.mark.parametrize("refiner", [False, True], ids=["base", "refiner"])
 def test_sdxl_packages_match_diffusers(refiner, tiny_bundle, request, record_property):
     bundle = tiny_bundle("sdxl-refiner" if refiner else "sdxl")
